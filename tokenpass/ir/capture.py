@@ -1,0 +1,184 @@
+"""Turn a causal LM into graphs with ``torch.export`` (non-strict), the KV cache explicit in each.
+
+A decoder's Python forward branches on whether it is decoding one token (mask creation takes a
+shortcut when the query length is 1), so one trace cannot cover both phases. We therefore capture two
+programs of the same step function, as serving runtimes do:
+
+* ``prefill``: ``T >= 2`` new tokens on top of a past of any length (0 included);
+* ``decode``: exactly one new token on top of a past of any length.
+
+Each step takes ``(input_ids [B,T], attention_mask [B,P+T], position_ids [B,T], past_keys[L],
+past_values[L])`` with past tensors ``[B, H_kv, P, D]`` and returns ``(logits [B,T,V], present_keys[L],
+present_values[L])``. Because the past and present caches are graph inputs and outputs, passes can see
+and rewrite every cache read and update, and ONNX export can carry them.
+
+Nothing here is per-architecture: the cache layout (layers, KV heads, head dim) is learnt by running
+the model once on two tokens and reading the cache it returns.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch import nn
+
+from tokenpass.errors import CaptureError
+
+PHASES: tuple[str, ...] = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What capture learnt about the model: enough to build caches and sample inputs."""
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int | None
+    dtype: torch.dtype
+
+    def empty_cache(self, batch: int, length: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zero past keys and values of ``length`` positions for every layer."""
+        shape = (batch, self.num_kv_heads, length, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        return keys, values
+
+
+class CausalLMStep(nn.Module):
+    """One forward step of a causal LM with the KV cache as plain tensors in and out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_keys, past_values):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for keys, values in zip(past_keys, past_values):
+            cache.layers.append(_preloaded_layer(keys, values))
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        layers = out.past_key_values.layers
+        return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
+
+
+def _preloaded_layer(keys: torch.Tensor, values: torch.Tensor):
+    """A cache layer holding ``keys``/``values`` as they are (no copy, unlike a first ``update``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    return layer
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Refuse, in one line, a module whose forward is not shaped like a causal LM's."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    params = inspect.signature(model.forward).parameters
+    missing = [p for p in ("input_ids", "past_key_values") if p not in params]
+    if missing:
+        raise CaptureError(
+            f"{type(model).__name__} is not a causal LM: its forward lacks {', '.join(missing)} "
+            "(expected forward(input_ids, attention_mask, position_ids, past_key_values, use_cache))"
+        )
+
+
+def _use_sdpa(model: nn.Module) -> None:
+    """HF models can switch attention backends; SDPA keeps attention one recognisable graph node."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("sdpa")
+
+
+def probe(model: nn.Module, name: str) -> ModelSpec:
+    """Run the model once on two tokens and read the cache layout it produces."""
+    check_causal_lm(model)
+    ids = torch.zeros((1, 2), dtype=torch.long)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        logits, cache = out.logits, out.past_key_values
+        layers = cache.layers
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a causal LM we can drive"
+        raise CaptureError(f"{type(model).__name__} is not a causal LM tokenpass can drive: {_first_line(exc)}")
+    if not layers or logits.dim() != 3:
+        raise CaptureError(f"{type(model).__name__} returned no KV cache or logits of rank {logits.dim()} (need 3)")
+    _, kv_heads, _, head_dim = layers[0].keys.shape
+    config = getattr(model, "config", None)
+    return ModelSpec(
+        name=name,
+        num_layers=len(layers),
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        vocab_size=int(logits.shape[-1]),
+        max_positions=getattr(config, "max_position_embeddings", None),
+        dtype=logits.dtype,
+    )
+
+
+def sample_inputs(spec: ModelSpec, phase: str, batch: int = 2, past: int = 3, new: int = 4) -> tuple:
+    """Inputs of one step with left padding on row 0, used for export and for numerical checks."""
+    new = 1 if phase == "decode" else new
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.vocab_size, (batch, new), generator=generator)
+    mask = torch.ones((batch, past + new), dtype=torch.long)
+    mask[0, : min(2, past + new - 1)] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    keys, values = spec.empty_cache(batch, past)
+    keys = [torch.randn(k.shape, generator=generator, dtype=spec.dtype) for k in keys]
+    values = [torch.randn(v.shape, generator=generator, dtype=spec.dtype) for v in values]
+    return ids, mask, positions, keys, values
+
+
+def _dynamic_shapes(spec: ModelSpec, phase: str) -> dict:
+    dyn = torch.export.Dim.DYNAMIC
+    tokens = {0: dyn} if phase == "decode" else {0: dyn, 1: dyn}
+    cache = [{0: dyn, 2: dyn}] * spec.num_layers
+    return {
+        "input_ids": tokens,
+        "attention_mask": {0: dyn, 1: dyn},
+        "position_ids": tokens,
+        "past_keys": cache,
+        "past_values": cache,
+    }
+
+
+def export_phase(model: nn.Module, spec: ModelSpec, phase: str) -> torch.export.ExportedProgram:
+    """Export one phase's step; failures become one-line ``CaptureError`` naming model and phase."""
+    if phase not in PHASES:
+        raise CaptureError(f"unknown phase '{phase}': choose one of {PHASES}")
+    step = CausalLMStep(model).eval()
+    # Size-oblivious tracing keeps the batch and past dims valid down to 0 and 1 (a 1-row batch, an
+    # empty past) instead of specialising the program to the sample's sizes.
+    try:
+        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+            return torch.export.export(
+                step, sample_inputs(spec, phase), dynamic_shapes=_dynamic_shapes(spec, phase), strict=False
+            )
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the user needs one line
+        raise CaptureError(f"cannot capture {spec.name} ({phase} step) with torch.export: {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def model_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__

@@ -1,0 +1,105 @@
+"""``TokenGraph``: a thin wrapper over one ``torch.export.ExportedProgram`` that passes rewrite in place.
+
+It adds what passes and tools need and the exported program lacks: the semantic sites (recomputed
+after every change), a runnable module kept in step with the graph, an op histogram, the signature
+with symbolic dims, and provenance for rewritten nodes (``node.meta["tokenpass"]``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import fx
+
+import tokenpass.ir.ops  # noqa: F401 - registers tokenpass:: ops so saved programs load
+from tokenpass.errors import CaptureError
+from tokenpass.ir.capture import ModelSpec
+from tokenpass.ir.sites import GraphSites, find_sites, op_histogram
+
+
+class TokenGraph:
+    """One captured step (``prefill`` or ``decode``) of a model, or a program loaded from disk."""
+
+    def __init__(self, program: torch.export.ExportedProgram, phase: str | None = None, spec: ModelSpec | None = None):
+        self.program = program
+        self.phase = phase
+        self.spec = spec
+        self.version = 0
+        self._sites: GraphSites | None = None
+        self._module: torch.nn.Module | None = None
+        self.properties: set[str] = {"captured"}
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.program.graph_module.graph
+
+    @property
+    def label(self) -> str:
+        name = self.spec.name if self.spec else "program"
+        return f"{name}/{self.phase}" if self.phase else name
+
+    def node(self, name: str) -> fx.Node:
+        for node in self.graph.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"{self.label} has no node named '{name}'")
+
+    def node_names(self) -> set[str]:
+        return {n.name for n in self.graph.nodes}
+
+    def mark_changed(self) -> None:
+        """Call after mutating the graph: recompiles it and drops derived views."""
+        self.graph.lint()
+        self.program.graph_module.recompile()
+        self.version += 1
+        self._sites = None
+        self._module = None
+
+    def sites(self) -> GraphSites:
+        if self._sites is None:
+            self._sites = find_sites(self.graph)
+        return self._sites
+
+    def module(self) -> torch.nn.Module:
+        """A runnable module of the current graph (parameters shared with the program, not copied)."""
+        if self._module is None:
+            self._module = self.program.module()
+        return self._module
+
+    def __call__(self, *inputs):
+        with torch.no_grad():
+            return self.module()(*inputs)
+
+    def op_histogram(self) -> Counter:
+        return op_histogram(self.graph)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.program.state_dict.values() if isinstance(p, torch.Tensor))
+
+    def signature(self) -> dict[str, list[dict]]:
+        """User inputs and outputs with dtype and (symbolic) shape."""
+        user_inputs = set(self.program.graph_signature.user_inputs)
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+        (out,) = [n for n in self.graph.nodes if n.op == "output"]
+        outputs = [n for n in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(n, fx.Node)]
+        return {"inputs": [_describe(n) for n in placeholders], "outputs": [_describe(n) for n in outputs]}
+
+    def save(self, path: str | Path) -> None:
+        torch.export.save(self.program, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TokenGraph":
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - any failure means "not a saved exported program"
+            raise CaptureError(f"{path} is not a saved torch.export program: {type(exc).__name__}: {exc}") from None
+        return cls(program)
+
+
+def _describe(node: fx.Node) -> dict:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return {"name": node.name, "dtype": str(val.dtype).replace("torch.", ""), "shape": [str(d) for d in val.shape]}
+    return {"name": node.name, "dtype": None, "shape": None}

@@ -1,0 +1,37 @@
+"""The custom ops tokenpass graphs are rewritten into (the IR's vocabulary beyond aten).
+
+``tokenpass::attention`` is the one attention op every captured attention site is canonicalised to:
+grouped-query attention with un-repeated KV heads, an optional mask, an explicit scale and the decoder
+layer it belongs to. Method passes (sparse attention, eviction) rewrite this one op instead of each
+model family's way of spelling attention. A fake implementation keeps rewritten graphs exportable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenpass.kernels.attention_ref import attention_reference
+
+ATTENTION = "tokenpass::attention"
+
+
+@torch.library.custom_op(ATTENTION, mutates_args=())
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    layer: int,
+) -> torch.Tensor:
+    """Attention of decoder layer ``layer``; ``key``/``value`` keep their ``H_kv`` heads (GQA)."""
+    return attention_reference(query, key, value, mask, scale, is_causal)
+
+
+@attention.register_fake
+def _attention_fake(query, key, value, mask, scale, is_causal, layer):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+attention_op = torch.ops.tokenpass.attention.default

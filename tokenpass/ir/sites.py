@@ -1,0 +1,279 @@
+"""Find the semantic sites of a captured decoder: layers, attention, cache reads/updates, norm, LM head, loss.
+
+Sites are found from what the graph computes (an attention op, a concatenation of a cache input with
+new keys along the sequence axis, the linear that produces the logits output), with module paths from
+``torch.export``'s ``nn_module_stack`` metadata used only to name them. No model family is special-cased.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx
+
+from tokenpass.ir.ops import attention_op
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+ATTENTION_TARGETS = (SDPA, attention_op)
+LOSS_TARGETS = {
+    aten.cross_entropy_loss.default,
+    aten.nll_loss_forward.default,
+    aten.nll_loss_nd.default,
+    aten.nll_loss.default,
+}
+_LAYOUT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor}
+_WRAPPER_PREFIX = "model."  # CausalLMStep holds the user's model as ``self.model``
+_INT_SEGMENT = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class CacheSlot:
+    """One of a layer's two caches (keys or values) as the graph reads and updates it."""
+
+    past: str | None  # graph input holding the cached positions
+    new: str | None  # the newly computed keys/values (keys after position encoding)
+    present: str | None  # the updated cache the graph returns (past ++ new)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    node: str
+    op: str
+    layer: int
+    module: str
+    query: str
+    key: str  # keys with their H_kv heads (any GQA head repetition stripped)
+    value: str
+    mask: str | None
+    scale: float
+    is_causal: bool
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    key_cache: CacheSlot
+    value_cache: CacheSlot
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerSite:
+    index: int
+    module: str
+    module_type: str
+    attention: str | None
+
+
+@dataclass(frozen=True)
+class HeadSite:
+    """The LM head and the norm feeding it."""
+
+    node: str
+    weight: str | None
+    norm_module: str | None
+    norm_kind: str | None
+
+
+@dataclass
+class GraphSites:
+    layers: list[LayerSite] = field(default_factory=list)
+    attention: list[AttentionSite] = field(default_factory=list)
+    lm_head: HeadSite | None = None
+    loss: list[str] = field(default_factory=list)
+
+    def attention_by_layer(self) -> dict[int, AttentionSite]:
+        return {site.layer: site for site in self.attention}
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [asdict(layer) for layer in self.layers],
+            "attention": [site.to_dict() for site in self.attention],
+            "lm_head": asdict(self.lm_head) if self.lm_head else None,
+            "loss": list(self.loss),
+        }
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """``(path, type name)`` pairs from outermost to innermost, paths relative to the user's model."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, ty in stack.values():
+        path = path[len(_WRAPPER_PREFIX) :] if path.startswith(_WRAPPER_PREFIX) else path
+        name = ty if isinstance(ty, str) else getattr(ty, "__qualname__", str(ty))
+        out.append((path, name.rsplit(".", 1)[-1]))
+    return out
+
+
+def innermost_module(node: fx.Node) -> str:
+    stack = module_stack(node)
+    return stack[-1][0] if stack else ""
+
+
+def enclosing_layer(node: fx.Node) -> tuple[int, str, str] | None:
+    """The decoder layer around ``node``: the innermost module whose path ends in a list index."""
+    for path, type_name in reversed(module_stack(node)):
+        last = path.rsplit(".", 1)[-1]
+        if _INT_SEGMENT.match(last):
+            return int(last), path, type_name
+    return None
+
+
+def tensor_meta(node: fx.Node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def strip_head_repeat(node: fx.Node) -> fx.Node:
+    """Undo HF's ``repeat_kv`` (unsqueeze(2) -> expand -> reshape), returning the ``[B,H_kv,S,D]`` source.
+
+    Only an exact interleaving repeat is stripped (query head h reading KV head h // group); any other
+    chain is returned as it is, which stays correct and merely forgoes the GQA saving.
+    """
+    chain, cur = [], node
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in _REPEAT_OPS:
+        chain.append(cur)
+        cur = cur.args[0]
+    unsqueezes = [n for n in chain if n.target == aten.unsqueeze.default]
+    if len(unsqueezes) != 1 or not any(n.target == aten.expand.default for n in chain):
+        return node
+    dim = unsqueezes[0].args[1]
+    if dim not in (2, -3):
+        return node
+    src, out = tensor_meta(cur), tensor_meta(node)
+    if src is None or out is None or src.dim() != 4 or out.dim() != 4:
+        return node
+    if str(src.shape[0]) != str(out.shape[0]) or str(src.shape[2]) != str(out.shape[2]):
+        return node
+    if int(out.shape[1]) % int(src.shape[1]) != 0 or src.shape[3] != out.shape[3]:
+        return node
+    if not all(_is_full_slice(n) for n in chain if n.target == aten.slice.Tensor):
+        return node
+    return cur
+
+
+_REPEAT_OPS = {aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default, aten.slice.Tensor}
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    args = list(node.args) + [None] * 4
+    start, end, step = args[2] or 0, args[3], args[4] or 1
+    return start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62))
+
+
+def match_cache_update(node: fx.Node, outputs: set[fx.Node]) -> CacheSlot:
+    """``cat([past_input, new], dim=seq)`` that the graph returns is a cache update; otherwise no cache."""
+    if node.op == "call_function" and node.target == aten.cat.default:
+        parts = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if len(parts) == 2 and dim in (-2, 2) and parts[0].op == "placeholder":
+            return CacheSlot(past=parts[0].name, new=parts[1].name, present=node.name if node in outputs else None)
+    return CacheSlot(past=None, new=node.name, present=None)
+
+
+def output_nodes(graph: fx.Graph) -> list[fx.Node]:
+    (out,) = [n for n in graph.nodes if n.op == "output"]
+    return list(torch.utils._pytree.tree_leaves(out.args[0]))
+
+
+def _attention_args(node: fx.Node) -> dict:
+    if node.target == attention_op:
+        names = ("query", "key", "value", "mask", "scale", "is_causal", "layer")
+        return dict(zip(names, node.args))
+    args = list(node.args) + [None] * 8
+    query, key, value = args[:3]
+    mask = node.kwargs.get("attn_mask", args[3])
+    is_causal = bool(node.kwargs.get("is_causal", args[5] or False))
+    head_dim = tensor_meta(query).shape[-1] if tensor_meta(query) is not None else None
+    scale = node.kwargs.get("scale", args[6])
+    if scale is None and head_dim is not None:
+        scale = float(head_dim) ** -0.5
+    return dict(query=query, key=key, value=value, mask=mask, scale=scale, is_causal=is_causal, layer=None)
+
+
+def attention_site(node: fx.Node, order: int, outputs: set[fx.Node]) -> AttentionSite:
+    """Describe one attention node: its inputs, heads, cache slots and layer."""
+    a = _attention_args(node)
+    key, value = strip_head_repeat(a["key"]), strip_head_repeat(a["value"])
+    layer_info = enclosing_layer(node)
+    layer = a["layer"] if a["layer"] is not None else (layer_info[0] if layer_info else order)
+    q, k = tensor_meta(a["query"]), tensor_meta(key)
+    return AttentionSite(
+        node=node.name,
+        op="tokenpass.attention" if node.target == attention_op else "aten.scaled_dot_product_attention",
+        layer=int(layer),
+        module=innermost_module(node),
+        query=a["query"].name,
+        key=key.name,
+        value=value.name,
+        mask=a["mask"].name if isinstance(a["mask"], fx.Node) else None,
+        scale=float(a["scale"]) if a["scale"] is not None else float("nan"),
+        is_causal=bool(a["is_causal"]),
+        num_heads=int(q.shape[1]) if q is not None else -1,
+        num_kv_heads=int(k.shape[1]) if k is not None else -1,
+        head_dim=int(q.shape[-1]) if q is not None else -1,
+        key_cache=match_cache_update(key, outputs),
+        value_cache=match_cache_update(value, outputs),
+    )
+
+
+def find_lm_head(graph: fx.Graph) -> HeadSite | None:
+    """The linear producing the first output (logits), seen through layout ops, and the norm before it."""
+    outputs = output_nodes(graph)
+    if not outputs:
+        return None
+    node = _through_layout(outputs[0])
+    if node.op != "call_function" or node.target not in (aten.linear.default, aten.mm.default, aten.matmul.default):
+        return None
+    weight = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
+    norm = _through_layout(node.args[0])
+    norm_module = innermost_module(norm) or None
+    return HeadSite(
+        node=node.name,
+        weight=weight.name if weight is not None else None,
+        norm_module=norm_module,
+        norm_kind=_norm_kind(graph, norm_module) if norm_module else None,
+    )
+
+
+def _through_layout(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in _LAYOUT_OPS:
+        node = node.args[0]
+    return node
+
+
+def _norm_kind(graph: fx.Graph, module: str) -> str | None:
+    targets = {n.target for n in graph.nodes if n.op == "call_function" and innermost_module(n) == module}
+    if aten.layer_norm.default in targets or aten.native_layer_norm.default in targets:
+        return "layer_norm"
+    if aten.rms_norm.default in targets or {aten.rsqrt.default, aten.mean.dim} <= targets:
+        return "rms_norm"
+    return None
+
+
+def find_sites(graph: fx.Graph) -> GraphSites:
+    """All semantic sites of ``graph``, attention sites in layer order."""
+    outputs = set(output_nodes(graph))
+    attention_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_TARGETS]
+    sites = GraphSites()
+    sites.attention = sorted(
+        (attention_site(n, i, outputs) for i, n in enumerate(attention_nodes)), key=lambda s: s.layer
+    )
+    by_node = {n.name: n for n in attention_nodes}
+    layers: dict[int, LayerSite] = {}
+    for site in sites.attention:
+        info = enclosing_layer(by_node[site.node])
+        module, type_name = (info[1], info[2]) if info else (site.module, "")
+        layers[site.layer] = LayerSite(index=site.layer, module=module, module_type=type_name, attention=site.node)
+    sites.layers = [layers[i] for i in sorted(layers)]
+    sites.lm_head = find_lm_head(graph)
+    sites.loss = [n.name for n in graph.nodes if n.op == "call_function" and n.target in LOSS_TARGETS]
+    return sites
+
+
+def op_histogram(graph: fx.Graph) -> Counter:
+    return Counter(str(n.target) for n in graph.nodes if n.op == "call_function")
