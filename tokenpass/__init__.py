@@ -1,0 +1,20 @@
+"""tokenpass: graph-rewriting passes that make causal LMs spend less per token."""
+
+from tokenpass import passes  # noqa: F401 - registers built-in passes
+from tokenpass.api import capture, optimize
+from tokenpass.errors import CaptureError, PassError, PassOrderError, TokenpassError
+from tokenpass.ir.graph import TokenGraph
+from tokenpass.models import load, tiny
+
+__all__ = [
+    "CaptureError",
+    "PassError",
+    "PassOrderError",
+    "TokenGraph",
+    "TokenpassError",
+    "capture",
+    "load",
+    "optimize",
+    "tiny",
+]
+__version__ = "0.1.0"

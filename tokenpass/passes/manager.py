@@ -1,0 +1,90 @@
+"""Run a pass list over a graph: order checked up front, failures named, exact passes optionally verified."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tokenpass.errors import PassError, PassOrderError, TokenpassError
+from tokenpass.ir.capture import sample_inputs
+from tokenpass.ir.graph import TokenGraph
+from tokenpass.passes.base import Pass, PassResult
+from tokenpass.passes.registry import make_pass, providers
+
+VERIFY_ATOL = 1e-5
+
+
+class PassManager:
+    """Runs passes in order on a ``TokenGraph``.
+
+    ``verify=True`` lints the graph after every pass and, for passes declared ``exact``, runs the graph
+    before and after on sample inputs and refuses any change in its outputs.
+    """
+
+    def __init__(self, passes: Sequence["str | Pass"], verify: bool = False):
+        self.passes = [make_pass(p) for p in passes]
+        self.verify = verify
+
+    def check_order(self, available: set[str]) -> None:
+        """Raise ``PassOrderError`` if a pass requires a property no earlier pass (or capture) provides."""
+        props = set(available)
+        for i, p in enumerate(self.passes):
+            missing = sorted(p.requires - props)
+            if missing:
+                earlier = ", ".join(q.name for q in self.passes[:i]) or "none"
+                fixes = "; ".join(f"'{m}' is provided by {', '.join(providers(m)) or 'no registered pass'}" for m in missing)
+                raise PassOrderError(
+                    f"pass '{p.name}' requires {', '.join(missing)}, which no earlier pass provides "
+                    f"(earlier passes: {earlier}); {fixes}: run that before '{p.name}'"
+                )
+            props = (props - p.invalidates) | p.provides
+
+    def run(self, graph: TokenGraph) -> list[PassResult]:
+        self.check_order(graph.properties)
+        results: list[PassResult] = []
+        for p in self.passes:
+            reference = self._reference_outputs(graph) if self.verify and p.exact else None
+            try:
+                result = p(graph)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the pass and its predecessors named
+                raise PassError(f"pass '{p.name}' failed on {graph.label}{self._after(results)}: {_one_line(exc)}") from exc
+            if self.verify and result.modified:
+                self._verify(p, graph, reference, results)
+            results.append(result)
+        return results
+
+    @staticmethod
+    def _after(results: list[PassResult]) -> str:
+        return f" (after {', '.join(r.pass_name for r in results)})" if results else " (first pass)"
+
+    @staticmethod
+    def _reference_outputs(graph: TokenGraph):
+        if graph.spec is None or graph.phase is None:
+            return None
+        inputs = sample_inputs(graph.spec, graph.phase)
+        return inputs, graph(*inputs)
+
+    def _verify(self, p: Pass, graph: TokenGraph, reference, results: list[PassResult]) -> None:
+        try:
+            graph.graph.lint()
+        except Exception as exc:  # noqa: BLE001
+            raise PassError(f"pass '{p.name}' left an invalid graph in {graph.label}{self._after(results)}: {exc}")
+        if reference is None:
+            return
+        inputs, expected = reference
+        got = graph(*inputs)
+        for index, (a, b) in enumerate(zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got))):
+            diff = (a - b).abs().max().item() if a.numel() else 0.0
+            if a.shape != b.shape or diff > VERIFY_ATOL:
+                raise PassError(
+                    f"exact pass '{p.name}' changed output {index} of {graph.label}{self._after(results)}: "
+                    f"shape {tuple(a.shape)} -> {tuple(b.shape)}, max abs diff {diff:.3g} (allowed {VERIFY_ATOL})"
+                )
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, TokenpassError):
+        return str(exc)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

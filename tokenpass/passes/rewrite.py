@@ -1,0 +1,28 @@
+"""Graph-editing helpers shared by passes, recording provenance on every node they create."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+from tokenpass.ir.graph import TokenGraph
+
+_COPIED_META = ("val", "nn_module_stack", "stack_trace", "source_fn_stack", "tensor_meta")
+
+
+def replace_node(graph: TokenGraph, old: fx.Node, target: Any, args: tuple, pass_name: str) -> fx.Node:
+    """Insert ``target(*args)`` in place of ``old``, move its users over and erase it.
+
+    The new node inherits ``old``'s metadata (shape, module path, source line) and records in
+    ``meta["tokenpass"]`` which pass made it from which node, so ``tokenpass inspect`` can show provenance.
+    """
+    with graph.graph.inserting_before(old):
+        new = graph.graph.call_function(target, args)
+    for key in _COPIED_META:
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    new.meta["tokenpass"] = {"pass": pass_name, "replaces": old.name}
+    old.replace_all_uses_with(new)
+    graph.graph.erase_node(old)
+    return new
