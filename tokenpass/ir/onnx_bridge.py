@@ -1,0 +1,83 @@
+"""The ONNX side of the IR: load an ``.onnx`` file safely and describe what it computes.
+
+Attention in ONNX appears either as a fused op (``Attention``, ``MultiHeadAttention``,
+``GroupQueryAttention``) or as ``MatMul -> (scale/mask ops) -> Softmax -> MatMul``; both are counted
+as attention sites.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from tokenpass.errors import CaptureError
+
+FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+_BETWEEN_SCORES_AND_SOFTMAX = {"Add", "Div", "Mul", "Where", "Cast", "Reshape", "Transpose"}
+
+
+def load_onnx(path: str | Path):
+    """Load and check an ONNX model; any defect becomes one ``CaptureError`` line naming the file."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise CaptureError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - protobuf/checker errors vary; the user needs one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CaptureError(f"{path} is not a valid ONNX model: {type(exc).__name__}: {first}") from None
+    return model
+
+
+def _dims(value_info) -> list[str]:
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in shape.dim]
+
+
+def _softmax_attention(nodes) -> list[str]:
+    producer = {out: n for n in nodes for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for inp in n.input:
+            consumers.setdefault(inp, []).append(n)
+    sites = []
+    for n in nodes:
+        if n.op_type != "Softmax":
+            continue
+        src = producer.get(n.input[0])
+        while src is not None and src.op_type in _BETWEEN_SCORES_AND_SOFTMAX:
+            src = producer.get(src.input[0])
+        feeds_matmul = any(c.op_type == "MatMul" for c in consumers.get(n.output[0], []))
+        if src is not None and src.op_type == "MatMul" and feeds_matmul:
+            sites.append(n.name or n.output[0])
+    return sites
+
+
+def summarize_onnx(model) -> dict:
+    """Parameters, op histogram, attention sites and I/O with symbolic dims of an ONNX model."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    nodes = list(graph.node)
+    initializers = {i.name for i in graph.initializer}
+    fused = [n.name or n.output[0] for n in nodes if n.op_type in FUSED_ATTENTION]
+    attention = fused + _softmax_attention(nodes)
+    io = lambda values: [  # noqa: E731
+        {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+         if v.type.tensor_type.elem_type != TensorProto.UNDEFINED else None, "shape": _dims(v)}
+        for v in values if v.name not in initializers
+    ]
+    return {
+        "format": "onnx",
+        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "parameters": int(sum(int(np.prod(i.dims)) for i in graph.initializer)),
+        "num_layers": len(attention),
+        "attention_sites": [{"node": name} for name in attention],
+        "op_histogram": dict(Counter(n.op_type for n in nodes).most_common()),
+        "inputs": io(graph.input),
+        "outputs": io(graph.output),
+    }
