@@ -76,6 +76,45 @@ def capture(
     typer.echo(f"saved {graph.label} to {output}")
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument("smollm2", help="smollm2 or a tiny family"),
+    passes: list[str] = typer.Option(
+        [], "--passes", "-p", help="comma-separated pass list; repeat the option to compare several configurations"
+    ),
+    text: Path = typer.Option(None, "--text", help="text file for quality (default: a licence text on this machine)"),
+    context: int = typer.Option(512, "--context", help="tokens of context to prefill"),
+    continuation: int = typer.Option(256, "--continuation", help="tokens decoded one step at a time after it"),
+    greedy_tokens: int = typer.Option(32, "--greedy", help="greedy tokens generated for illustration"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+) -> None:
+    """Speed, memory and quality of pass lists against the unoptimised model, in one process."""
+    from tokenpass.bench import bench as run_bench
+    from tokenpass.bench_report import render_bench
+    from tokenpass.models import load, load_tokenizer
+    from tokenpass.texts import read_text, token_ids
+
+    configs = {f"config{i}" if len(passes) > 1 else "optimized": _split(p) for i, p in enumerate(passes, 1)}
+    configs = {(",".join(v) or "no passes") if k != "optimized" else k: v for k, v in configs.items()}
+    loaded = load(model)
+    ids = token_ids(load_tokenizer(model), read_text(text), context + continuation) if model == "smollm2" else (
+        torch_random_ids(loaded.config.vocab_size, context + continuation)
+    )
+    report = run_bench(loaded, configs, token_ids=ids, context=context, continuation=continuation,
+                       greedy_tokens=greedy_tokens, name=model)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        render_bench(report, Console(width=180))
+
+
+def torch_random_ids(vocab: int, count: int) -> list[int]:
+    """Tiny models have no tokenizer: random ids make speed figures meaningful, quality figures not."""
+    import torch
+
+    return torch.randint(0, vocab, (count,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
 @app.command(name="passes")
 def list_passes() -> None:
     """List registered passes with their declared contract."""

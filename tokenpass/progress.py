@@ -24,3 +24,13 @@ def status(message: str) -> Iterator[None]:
         return
     with _console.status(message):
         yield
+
+
+def steps(iterable, description: str):
+    """Iterate with a progress bar on a terminal (plain iteration otherwise)."""
+    if not enabled():
+        yield from iterable
+        return
+    from rich.progress import track
+
+    yield from track(iterable, description=description, console=_console, transient=True)

@@ -97,14 +97,6 @@ def check_causal_lm(model: nn.Module) -> None:
         )
 
 
-def _use_sdpa(model: nn.Module) -> None:
-    """HF models can switch attention backends; SDPA keeps attention one recognisable graph node."""
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "_attn_implementation", "sdpa") != "sdpa":
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("sdpa")
-
-
 def probe(model: nn.Module, name: str) -> ModelSpec:
     """Run the model once on two tokens and read the cache layout it produces."""
     check_causal_lm(model)

@@ -1,0 +1,144 @@
+"""``tokenpass bench``: what a pass list buys (speed, memory) and costs (quality), measured in one process.
+
+Quality is teacher-forced so every prediction goes through the optimised runtime: prefill a context of
+C tokens of real text, then feed the M tokens that follow one decode step at a time. Each step's
+next-token distribution is compared with the baseline's (the captured model with no passes, which
+reproduces the original model exactly) on the same tokens: perplexity and its ratio, top-1 agreement
+and mean KL(baseline || optimised). A greedy continuation's common prefix is reported as illustration
+only: single greedy continuations diverge at the first near-tie even for good methods.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenpass.api import optimize
+from tokenpass.errors import TokenpassError
+from tokenpass.runtime.generate import positions_from_mask
+from tokenpass.runtime.memory import PeakMemory
+from tokenpass.runtime.model import OptimizedModel
+from tokenpass.progress import steps
+
+BASELINE = "baseline"
+
+
+@dataclass
+class Run:
+    """Raw figures of one configuration on the shared tokens."""
+
+    logprobs: torch.Tensor  # [M, V] next-token log-probabilities, one row per continuation token
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    kv_bytes: int
+    peak_bytes: int
+
+
+def cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for part in cache for t in part)
+
+
+def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: torch.Tensor, label: str) -> Run:
+    """Prefill ``context`` [1, C], then decode ``continuation`` [M] one token per step."""
+    _warm_up(model, context)
+    mask = torch.ones_like(context)
+    positions = positions_from_mask(mask)
+    rows = []
+    with PeakMemory() as memory, torch.no_grad():
+        start = time.perf_counter()
+        logits, cache = model.step(context, mask, positions, model.spec.empty_cache(1))
+        prefill_s = time.perf_counter() - start
+        rows.append(logits[0, -1].float().log_softmax(-1))
+        start = time.perf_counter()
+        for i in steps(range(len(continuation) - 1), f"{label}: decoding"):
+            token = continuation[i].view(1, 1)
+            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            logits, cache = model.step(token, mask, positions, cache)
+            rows.append(logits[0, -1].float().log_softmax(-1))
+        decode_s = time.perf_counter() - start
+    return Run(torch.stack(rows), prefill_s, decode_s, len(continuation) - 1, cache_bytes(cache), memory.peak_bytes)
+
+
+def _warm_up(model: OptimizedModel, context: torch.Tensor) -> None:
+    """One short prefill and decode step so first-call costs do not land in the timed figures."""
+    model.generate(context[:, :8], max_new_tokens=2)
+
+
+def compare(run: Run, base: Run, targets: torch.Tensor, context_len: int) -> dict:
+    """The figures ``--json`` prints for one configuration."""
+    nll = -run.logprobs.gather(1, targets[:, None]).squeeze(1)
+    base_nll = -base.logprobs.gather(1, targets[:, None]).squeeze(1)
+    kl = F.kl_div(run.logprobs, base.logprobs, log_target=True, reduction="none").sum(-1)
+    decode_tps = run.decode_steps / run.decode_s if run.decode_s else float("nan")
+    base_tps = base.decode_steps / base.decode_s if base.decode_s else float("nan")
+    return {
+        "ppl": math.exp(nll.mean().item()),
+        "ppl_ratio": math.exp(nll.mean().item() - base_nll.mean().item()),
+        "top1_agreement": (run.logprobs.argmax(-1) == base.logprobs.argmax(-1)).float().mean().item(),
+        "kl": kl.mean().item(),
+        "prefill_tokens_per_s": context_len / run.prefill_s,
+        "decode_tokens_per_s": decode_tps,
+        "decode_speedup": decode_tps / base_tps,
+        "decode_latency_ms": 1000 * run.decode_s / max(run.decode_steps, 1),
+        "kv_bytes": run.kv_bytes,
+        "peak_memory_bytes": run.peak_bytes,
+    }
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    same = (a == b).long().cumprod(0)
+    return int(same.sum())
+
+
+def bench(
+    model: nn.Module,
+    passes: Sequence[str] | Mapping[str, Sequence[str]] = (),
+    *,
+    token_ids: Sequence[int],
+    context: int = 512,
+    continuation: int = 256,
+    greedy_tokens: int = 32,
+    name: str | None = None,
+) -> dict:
+    """Measure ``passes`` (one list, or a mapping of configuration name -> list) against the baseline."""
+    configs = dict(passes) if isinstance(passes, Mapping) else {"optimized": list(passes)}
+    _validate(model, context, continuation, len(token_ids))
+    ids = torch.tensor(list(token_ids[: context + continuation]), dtype=torch.long)
+    prompt, cont = ids[:context].view(1, -1), ids[context:]
+    results, base, base_greedy = [], None, None
+    for label, pass_list in {BASELINE: [], **configs}.items():
+        optimized = optimize(model, passes=pass_list, name=name)
+        run = teacher_forced(optimized, prompt, cont, label)
+        greedy = optimized.generate(prompt, max_new_tokens=greedy_tokens)[0, context:] if greedy_tokens else None
+        if base is None:
+            base, base_greedy = run, greedy
+        figures = compare(run, base, cont, context)
+        figures["greedy_common_prefix"] = _common_prefix(greedy, base_greedy) if greedy is not None else None
+        results.append({"name": label, "passes": list(pass_list), **figures})
+    return {
+        "model": name,
+        "context": context,
+        "continuation": continuation,
+        "greedy_tokens": greedy_tokens,
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "configs": results,
+    }
+
+
+def _validate(model: nn.Module, context: int, continuation: int, available: int) -> None:
+    if context < 1 or continuation < 2:
+        raise TokenpassError(f"need context >= 1 and continuation >= 2 tokens, got {context} and {continuation}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and context + continuation > limit:
+        raise TokenpassError(f"context {context} + continuation {continuation} exceeds the model's {limit} positions")
+    if available < context + continuation:
+        raise TokenpassError(f"the text has {available} tokens, fewer than context + continuation")

@@ -1,0 +1,37 @@
+"""The main demo: SmolLM2-135M-Instruct, the passes tokenpass has, one table with and without them.
+
+Run from a fresh machine with ``bash tools/setup.sh && .venv/bin/python tools/demo.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+import tokenpass
+from tokenpass.bench import bench
+from tokenpass.bench_report import render_bench
+from tokenpass.models import load_tokenizer
+from tokenpass.texts import default_text_path, read_text, token_ids
+
+CONFIGS = {
+    "canonical (exact)": ["canonicalize_attention", "dce"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--continuation", type=int, default=128)
+    args = parser.parse_args()
+    console = Console(width=180)
+    console.print(f"[bold]tokenpass demo[/bold]: SmolLM2-135M-Instruct on {default_text_path()}")
+    model = tokenpass.load("smollm2")
+    ids = token_ids(load_tokenizer("smollm2"), read_text(), args.context + args.continuation)
+    report = bench(model, CONFIGS, token_ids=ids, context=args.context, continuation=args.continuation, name="smollm2")
+    render_bench(report, console)
+
+
+if __name__ == "__main__":
+    main()
