@@ -6,7 +6,8 @@ from tokenpass.errors import TokenpassError
 
 from conftest import hf_greedy, padded_batch, reference_logits
 
-PASS_LISTS = [[], ["canonicalize_attention", "dce"]]
+# (passes, lower): the captured graph as it is, canonicalised, and lowered onto the runtime KV cache.
+CONFIGS = [([], False), (["canonicalize_attention", "dce"], False), ([], True)]
 
 
 def _check_exact(model, optimized, vocab, new_tokens=64):
@@ -18,10 +19,11 @@ def _check_exact(model, optimized, vocab, new_tokens=64):
     assert torch.equal(optimized.generate(ids, mask, max_new_tokens=new_tokens), hf_greedy(model, ids, mask, new_tokens))
 
 
-@pytest.mark.parametrize("passes", PASS_LISTS, ids=["no-passes", "canonical"])
-def test_optimized_tiny_model_reproduces_the_original(family, passes):
+@pytest.mark.parametrize("passes,lower", CONFIGS, ids=["captured", "canonical", "runtime-cache"])
+def test_optimized_tiny_model_reproduces_the_original(family, passes, lower):
     model = tokenpass.tiny(family)
-    optimized = tokenpass.optimize(model, passes=passes, verify=True)
+    optimized = tokenpass.optimize(model, passes=passes, verify=True, lower=lower)
+    assert optimized.lowered == lower
     _check_exact(model, optimized, model.config.vocab_size)
 
 

@@ -25,17 +25,32 @@ def capture(model: nn.Module, phases: Sequence[str] = PHASES, name: str | None =
     return graphs
 
 
+CANONICAL = ["canonicalize_attention"]
+LOWERING = ["lower_kv_cache", "dce"]
+
+
+def pipeline(passes: Sequence["str | Pass"], lower: bool) -> list["str | Pass"]:
+    """The full pass list: canonicalisation first, the user's passes, then lowering onto the runtime.
+
+    Canonicalisation and lowering are idempotent, so listing them explicitly as well does no harm.
+    """
+    return [*CANONICAL, *passes, *LOWERING] if lower else list(passes)
+
+
 def optimize(
     model: nn.Module,
     passes: Sequence["str | Pass"] = (),
     verify: bool = False,
     name: str | None = None,
+    lower: bool = True,
 ) -> OptimizedModel:
     """Capture ``model``, run ``passes`` (names or ``Pass`` objects) on each phase's graph, return a runnable model.
 
-    With ``verify=True`` every exact pass is checked for unchanged outputs on sample inputs.
+    ``lower=True`` (the default) wraps the passes in canonicalisation and lowering onto the runtime's KV
+    cache; ``lower=False`` runs exactly ``passes`` on the captured graphs. With ``verify=True`` every exact
+    pass is checked for unchanged outputs on sample inputs.
     """
-    manager = PassManager(passes, verify=verify)
+    manager = PassManager(pipeline(passes, lower), verify=verify)
     graphs = capture(model, name=name)
     reports = {}
     for phase, graph in graphs.items():

@@ -41,30 +41,25 @@ class Run:
     peak_bytes: int
 
 
-def cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for part in cache for t in part)
-
-
 def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: torch.Tensor, label: str) -> Run:
     """Prefill ``context`` [1, C], then decode ``continuation`` [M] one token per step."""
     _warm_up(model, context)
-    mask = torch.ones_like(context)
-    positions = positions_from_mask(mask)
+    valid = torch.ones((1, 1), dtype=torch.long)
+    positions = positions_from_mask(torch.ones_like(context))
     rows = []
     with PeakMemory() as memory, torch.no_grad():
+        cache = model.new_cache(1)
         start = time.perf_counter()
-        logits, cache = model.step(context, mask, positions, model.spec.empty_cache(1))
+        logits = model.step(cache, context, torch.ones_like(context), positions)
         prefill_s = time.perf_counter() - start
         rows.append(logits[0, -1].float().log_softmax(-1))
         start = time.perf_counter()
         for i in steps(range(len(continuation) - 1), f"{label}: decoding"):
-            token = continuation[i].view(1, 1)
-            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
             positions = positions[:, -1:] + 1
-            logits, cache = model.step(token, mask, positions, cache)
+            logits = model.step(cache, continuation[i].view(1, 1), valid, positions)
             rows.append(logits[0, -1].float().log_softmax(-1))
         decode_s = time.perf_counter() - start
-    return Run(torch.stack(rows), prefill_s, decode_s, len(continuation) - 1, cache_bytes(cache), memory.peak_bytes)
+    return Run(torch.stack(rows), prefill_s, decode_s, len(continuation) - 1, cache.nbytes(), memory.peak_bytes)
 
 
 def _warm_up(model: OptimizedModel, context: torch.Tensor) -> None:

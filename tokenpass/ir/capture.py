@@ -41,6 +41,7 @@ class ModelSpec:
     vocab_size: int
     max_positions: int | None
     dtype: torch.dtype
+    sliding_window: int | None = None  # attention window of any windowed layer (None: all layers see everything)
 
     def empty_cache(self, batch: int, length: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Zero past keys and values of ``length`` positions for every layer."""
@@ -120,7 +121,19 @@ def probe(model: nn.Module, name: str) -> ModelSpec:
         vocab_size=int(logits.shape[-1]),
         max_positions=getattr(config, "max_position_embeddings", None),
         dtype=logits.dtype,
+        sliding_window=_sliding_window(config),
     )
+
+
+def _sliding_window(config) -> int | None:
+    """The window of windowed attention layers, from the HF config conventions (None when there are none)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
 
 
 def sample_inputs(spec: ModelSpec, phase: str, batch: int = 2, past: int = 3, new: int = 4) -> tuple:

@@ -8,6 +8,7 @@ with symbolic dims, and provenance for rewritten nodes (``node.meta["tokenpass"]
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +31,9 @@ class TokenGraph:
         self._sites: GraphSites | None = None
         self._module: torch.nn.Module | None = None
         self.properties: set[str] = {"captured"}
+        # Set by lowering passes whose graphs need the runtime to run (e.g. attention over its KV cache):
+        # ``runner(graph, inputs)`` takes and returns what the captured step did.
+        self.runner: Callable[[TokenGraph, tuple], tuple] | None = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -71,6 +75,12 @@ class TokenGraph:
     def __call__(self, *inputs):
         with torch.no_grad():
             return self.module()(*inputs)
+
+    def run(self, *inputs):
+        """Run the step on the captured step's inputs, through the runtime if the graph was lowered."""
+        if self.runner is not None:
+            return self.runner(self, inputs)
+        return self(*inputs)
 
     def op_histogram(self) -> Counter:
         return op_histogram(self.graph)

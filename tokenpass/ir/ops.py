@@ -35,3 +35,20 @@ def _attention_fake(query, key, value, mask, scale, is_causal, layer):
 
 
 attention_op = torch.ops.tokenpass.attention.default
+
+
+# Ops whose implementations live in the runtime (they read state only the runtime has, such as its KV
+# cache). The IR declares their schema and shape rule so graphs holding them can be built and inspected.
+CACHED_ATTENTION = "tokenpass::cached_attention"
+torch.library.define(
+    CACHED_ATTENTION, "(Tensor query, Tensor key_new, Tensor value_new, float scale, int layer) -> Tensor"
+)
+
+
+@torch.library.register_fake(CACHED_ATTENTION)
+def _cached_attention_fake(query, key_new, value_new, scale, layer):
+    return query.new_empty((*query.shape[:-1], value_new.shape[-1]))
+
+
+cached_attention_op = torch.ops.tokenpass.cached_attention.default
+RUNTIME_CACHE = "<runtime cache>"

@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
-from tokenpass.ir.ops import attention_op
+from tokenpass.ir.ops import RUNTIME_CACHE, attention_op, cached_attention_op
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-ATTENTION_TARGETS = (SDPA, attention_op)
+ATTENTION_TARGETS = (SDPA, attention_op, cached_attention_op)
+OP_NAMES = {SDPA: "aten.scaled_dot_product_attention", attention_op: "tokenpass.attention",
+            cached_attention_op: "tokenpass.cached_attention"}
 LOSS_TARGETS = {
     aten.cross_entropy_loss.default,
     aten.nll_loss_forward.default,
@@ -184,6 +186,9 @@ def _attention_args(node: fx.Node) -> dict:
     if node.target == attention_op:
         names = ("query", "key", "value", "mask", "scale", "is_causal", "layer")
         return dict(zip(names, node.args))
+    if node.target == cached_attention_op:
+        query, key, value, scale, layer = node.args
+        return dict(query=query, key=key, value=value, mask=None, scale=scale, is_causal=True, layer=layer)
     args = list(node.args) + [None] * 8
     query, key, value = args[:3]
     mask = node.kwargs.get("attn_mask", args[3])
@@ -204,7 +209,7 @@ def attention_site(node: fx.Node, order: int, outputs: set[fx.Node]) -> Attentio
     q, k = tensor_meta(a["query"]), tensor_meta(key)
     return AttentionSite(
         node=node.name,
-        op="tokenpass.attention" if node.target == attention_op else "aten.scaled_dot_product_attention",
+        op=OP_NAMES[node.target],
         layer=int(layer),
         module=innermost_module(node),
         query=a["query"].name,
@@ -216,9 +221,15 @@ def attention_site(node: fx.Node, order: int, outputs: set[fx.Node]) -> Attentio
         num_heads=int(q.shape[1]) if q is not None else -1,
         num_kv_heads=int(k.shape[1]) if k is not None else -1,
         head_dim=int(q.shape[-1]) if q is not None else -1,
-        key_cache=match_cache_update(key, outputs),
-        value_cache=match_cache_update(value, outputs),
+        key_cache=_cache_slot(node, key, outputs),
+        value_cache=_cache_slot(node, value, outputs),
     )
+
+
+def _cache_slot(node: fx.Node, kv: fx.Node, outputs: set[fx.Node]) -> CacheSlot:
+    if node.target == cached_attention_op:
+        return CacheSlot(past=RUNTIME_CACHE, new=kv.name, present=RUNTIME_CACHE)
+    return match_cache_update(kv, outputs)
 
 
 def find_lm_head(graph: fx.Graph) -> HeadSite | None:

@@ -63,7 +63,7 @@ class PassManager:
         if graph.spec is None or graph.phase is None:
             return None
         inputs = sample_inputs(graph.spec, graph.phase)
-        return inputs, graph(*inputs)
+        return inputs, graph.run(*inputs)
 
     def _verify(self, p: Pass, graph: TokenGraph, reference, results: list[PassResult]) -> None:
         try:
@@ -73,7 +73,7 @@ class PassManager:
         if reference is None:
             return
         inputs, expected = reference
-        got = graph(*inputs)
+        got = graph.run(*inputs)
         for index, (a, b) in enumerate(zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got))):
             diff = (a - b).abs().max().item() if a.numel() else 0.0
             if a.shape != b.shape or diff > VERIFY_ATOL:

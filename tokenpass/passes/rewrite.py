@@ -26,3 +26,12 @@ def replace_node(graph: TokenGraph, old: fx.Node, target: Any, args: tuple, pass
     old.replace_all_uses_with(new)
     graph.graph.erase_node(old)
     return new
+
+
+def replace_output(graph: TokenGraph, old: fx.Node, new: fx.Node) -> None:
+    """Make the graph return ``new`` where it returned ``old``, keeping the program's signature in step."""
+    (out,) = [n for n in graph.graph.nodes if n.op == "output"]
+    out.replace_input_with(old, new)
+    for spec in graph.program.graph_signature.output_specs:
+        if getattr(spec.arg, "name", None) == old.name:
+            spec.arg.name = new.name

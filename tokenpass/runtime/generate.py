@@ -1,12 +1,13 @@
-"""Greedy generation over a step function, with the semantics of HF ``generate(do_sample=False)``."""
+"""The generation loop: prefill, then one decode step per new token, greedy or sampled like HF ``generate``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from tokenpass.ir.capture import ModelSpec
+from tokenpass.errors import TokenpassError
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -15,35 +16,74 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def greedy_generate(
-    step: Callable,
-    spec: ModelSpec,
+@dataclass
+class Sampling:
+    """Token choice: greedy, or sampling with HF's processor order (temperature, then top-k, then top-p)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.do_sample and self.temperature <= 0:
+            raise TokenpassError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise TokenpassError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise TokenpassError(f"top_k must be >= 1, got {self.top_k}")
+        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next tokens ``[B]`` from last-position logits ``[B, V]``."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        scores = logits.float() / self.temperature
+        if self.top_k is not None:
+            kth = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            sorted_scores, order = scores.sort(dim=-1, descending=False)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cumulative <= 1 - self.top_p
+            drop[:, -1] = False  # always keep the most likely token
+            scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        probs = scores.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+def generate_tokens(
+    model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
+    sampling: Sampling,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Prefill the prompt, then feed back the argmax token ``max_new_tokens`` times.
+    """Prefill the prompt, then feed back the chosen token up to ``max_new_tokens`` times.
 
-    Sequences that emitted ``eos_token_id`` keep emitting ``pad_token_id`` (default: the EOS id), as
-    HF does, so the output stays one rectangular tensor.
+    Sequences that emitted ``eos_token_id`` keep emitting ``pad_token_id`` (default: the EOS id) and the
+    loop stops once all have, as HF does, so the output stays one rectangular tensor.
     """
     batch = input_ids.shape[0]
-    cache = spec.empty_cache(batch)
+    cache = model.new_cache(batch)
     positions = positions_from_mask(attention_mask)
-    tokens, mask, new_ids = input_ids, attention_mask, input_ids
+    tokens, new_ids, valid = input_ids, input_ids, attention_mask
     finished = torch.zeros(batch, dtype=torch.bool)
     pad = pad_token_id if pad_token_id is not None else eos_token_id
     for _ in range(max_new_tokens):
-        logits, cache = step(new_ids, mask, positions, cache)
-        next_ids = logits[:, -1, :].argmax(-1)
+        logits = model.step(cache, new_ids, valid, positions)
+        next_ids = sampling.choose(logits[:, -1, :])
         if eos_token_id is not None:
             next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
             finished |= next_ids == eos_token_id
-        new_ids = next_ids[:, None]
+        if streamer is not None:
+            streamer(next_ids)
+        new_ids, valid = next_ids[:, None], torch.ones((batch, 1), dtype=torch.long)
         tokens = torch.cat([tokens, new_ids], dim=1)
-        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
         positions = positions[:, -1:] + 1
         if eos_token_id is not None and bool(finished.all()):
             break

@@ -2,36 +2,68 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tokenpass.errors import TokenpassError
 from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.passes.base import PassResult
-from tokenpass.runtime.generate import greedy_generate, positions_from_mask
+from tokenpass.runtime.executor import new_cache, run_step
+from tokenpass.runtime.generate import Sampling, generate_tokens, positions_from_mask
+from tokenpass.runtime.kv_cache import KVCache
 
-Cache = tuple[list[torch.Tensor], list[torch.Tensor]]
+
+class GraphCache:
+    """The cache of graphs that were not lowered: the captured step's own past/present tensors."""
+
+    def __init__(self, spec: ModelSpec, batch: int):
+        self.keys, self.values = spec.empty_cache(batch)
+        self.mask = torch.zeros((batch, 0), dtype=torch.long)
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 class OptimizedModel:
-    """Runs the ``prefill`` graph for multi-token steps and the ``decode`` graph for one-token steps."""
+    """Runs the ``prefill`` graph for multi-token steps and the ``decode`` graph for one-token steps.
+
+    Lowered graphs (``lower_kv_cache``) attend over the runtime-owned ``KVCache``; graphs that were not
+    lowered carry their cache as explicit tensors (``GraphCache``). ``step`` hides the difference.
+    """
 
     def __init__(self, spec: ModelSpec, graphs: dict[str, TokenGraph], reports: dict[str, list[PassResult]]):
         self.spec = spec
         self.graphs = graphs
         self.reports = reports
+        self.lowered = all("runtime_kv_cache" in g.properties for g in graphs.values())
+
+    def new_cache(self, batch: int) -> KVCache | GraphCache:
+        return new_cache(self.graphs["decode"], batch) if self.lowered else GraphCache(self.spec, batch)
 
     def step(
         self,
+        cache: KVCache | GraphCache,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        token_valid: torch.Tensor,
         position_ids: torch.Tensor,
-        cache: Cache,
-    ) -> tuple[torch.Tensor, Cache]:
-        """One forward step over ``input_ids`` on top of ``cache``; returns logits and the updated cache."""
-        phase = "decode" if input_ids.shape[1] == 1 else "prefill"
-        logits, keys, values = self.graphs[phase](input_ids, attention_mask, position_ids, *cache)
-        return logits, (keys, values)
+    ) -> torch.Tensor:
+        """Run ``input_ids`` ``[B, T]`` on top of ``cache`` (extended in place); returns logits ``[B, T, V]``.
+
+        ``token_valid`` marks real tokens (False for left padding); ``position_ids`` are their positions.
+        """
+        graph = self.graphs["decode" if input_ids.shape[1] == 1 else "prefill"]
+        if isinstance(cache, KVCache):
+            return run_step(graph, cache, input_ids, token_valid, position_ids)
+        cache.mask = torch.cat([cache.mask, token_valid.long()], dim=1)
+        with torch.no_grad():
+            logits, cache.keys, cache.values = graph(input_ids, cache.mask, position_ids, cache.keys, cache.values)
+        return logits
 
     def __call__(
         self,
@@ -43,33 +75,49 @@ class OptimizedModel:
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        logits, _ = self.step(input_ids, attention_mask, position_ids, self.spec.empty_cache(input_ids.shape[0]))
-        return logits
+        return self.step(self.new_cache(input_ids.shape[0]), input_ids, attention_mask, position_ids)
 
     def generate(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
+        seed: int | None = None,
+        streamer: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Greedy decoding; returns prompt and new tokens ``[B, T + max_new_tokens]`` like HF ``generate``."""
+        """Prompt and new tokens ``[B, T + n]``, with the semantics of HF ``generate`` for these arguments.
+
+        ``streamer`` is called with each step's new tokens ``[B]`` as soon as they exist; ``seed`` makes
+        sampling reproducible.
+        """
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
+        if max_new_tokens < 0:
+            raise TokenpassError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         limit = self.spec.max_positions
         if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
             raise TokenpassError(
                 f"prompt of {input_ids.shape[1]} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
                 f"{limit} positions"
             )
-        return greedy_generate(self.step, self.spec, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        return generate_tokens(
+            self, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, streamer
+        )
 
-    @staticmethod
-    def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise TokenpassError("input_ids must be a 2-D tensor [batch, tokens]")
         if input_ids.shape[1] == 0:
             raise TokenpassError("the prompt is empty: input_ids has 0 tokens")
+        limit = self.spec.max_positions
+        if limit is not None and input_ids.shape[1] > limit:
+            raise TokenpassError(f"prompt of {input_ids.shape[1]} tokens exceeds the model's {limit} positions")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:

@@ -1,0 +1,48 @@
+"""Exact torch reference of attention over a runtime KV cache (the CPU path and the kernels' oracle)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def step_mask(valid: torch.Tensor | None, new_tokens: int, slots: int) -> torch.Tensor | None:
+    """``[B, H_kv, T, S]`` visibility: a live slot, not after the query (the last ``T`` slots are the step's).
+
+    Each query also sees its own slot, so a padding query never has an empty row (which would give NaN
+    that leaks through ``0 * NaN`` into real rows).
+    """
+    if valid is None and new_tokens == 1:
+        return None
+    query_slot = torch.arange(slots - new_tokens, slots, device=valid.device if valid is not None else "cpu")
+    slot = torch.arange(slots, device=query_slot.device)
+    causal = slot[None, :] <= query_slot[:, None]  # [T, S]
+    if valid is None:
+        return causal[None, None]
+    return (valid[:, :, None, :] & causal) | (slot[None, :] == query_slot[:, None])
+
+
+def grouped_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``[B,Hq,T,D]`` queries over ``[B,Hkv,S,D]`` keys without repeating KV heads.
+
+    The ``G`` query heads sharing a KV head are folded into the query axis, so SDPA reads each KV head
+    once instead of materialising ``G`` copies (HF's ``repeat_kv``).
+    """
+    b, hq, t, d = query.shape
+    hkv = keys.shape[1]
+    group = hq // hkv
+    q = query.reshape(b, hkv, group * t, d)
+    if mask is not None:
+        mask = mask[:, :, None].expand(b, mask.shape[1], group, t, mask.shape[-1]).reshape(b, -1, group * t, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, t, values.shape[-1])
+
+
+def cache_attention_reference(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention of the step's ``T`` queries over ``S`` cache slots, the last ``T`` being the step's own."""
+    mask = step_mask(valid, query.shape[2], keys.shape[2])
+    return grouped_attention(query, keys, values, mask, scale)

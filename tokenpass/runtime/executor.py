@@ -1,0 +1,48 @@
+"""Run lowered graphs (attention reading the runtime KV cache) one step at a time."""
+
+from __future__ import annotations
+
+import torch
+
+import tokenpass.runtime.ops  # noqa: F401 - implements the runtime ops the lowered graphs call
+from tokenpass.ir.graph import TokenGraph
+from tokenpass.runtime.context import using_cache
+from tokenpass.runtime.kv_cache import KVCache
+
+
+def new_cache(graph: TokenGraph, batch: int, capacity: int = 64) -> KVCache:
+    spec = graph.spec
+    return KVCache(spec.num_layers, batch, spec.num_kv_heads, spec.head_dim, spec.dtype, capacity=capacity)
+
+
+def run_step(
+    graph: TokenGraph, cache: KVCache, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """One forward step of a lowered graph over ``cache``; returns logits and commits the new slots."""
+    batch, spec = input_ids.shape[0], graph.spec
+    cache.begin_step(position_ids, token_valid)
+    empty = [input_ids.new_zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=spec.dtype)] * spec.num_layers
+    with using_cache(cache), torch.no_grad():
+        outputs = graph.module()(input_ids, torch.ones_like(input_ids), position_ids, empty, empty)
+    cache.commit()
+    return outputs[0]
+
+
+def run_with_explicit_past(graph: TokenGraph, inputs: tuple) -> tuple:
+    """Run a lowered graph on the captured step's inputs and return the captured step's outputs.
+
+    Used to verify lowering: the past tensors are loaded into a fresh cache, and the cache contents
+    after the step stand in for the ``present`` outputs (past ++ new) of the original graph.
+    """
+    input_ids, attention_mask, position_ids, past_keys, past_values = inputs
+    past = past_keys[0].shape[2]
+    cache = new_cache(graph, input_ids.shape[0], capacity=past + input_ids.shape[1])
+    if past:
+        cache.begin_step(torch.zeros_like(attention_mask[:, :past]), attention_mask[:, :past])
+        for layer, (k, v) in enumerate(zip(past_keys, past_values)):
+            cache.stage(layer, k, v)
+        cache.commit()
+    logits = run_step(graph, cache, input_ids, attention_mask[:, past:], position_ids)
+    keys = [layer.keys[:, :, : layer.length] for layer in cache.layers]
+    values = [layer.values[:, :, : layer.length] for layer in cache.layers]
+    return logits, keys, values
