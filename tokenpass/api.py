@@ -26,7 +26,7 @@ def capture(model: nn.Module, phases: Sequence[str] = PHASES, name: str | None =
 
 
 CANONICAL = ["canonicalize_attention"]
-LOWERING = ["lower_kv_cache", "dce"]
+LOWERING = ["lower_kv_cache", "eliminate_noops", "dce", "select_logit_rows"]
 
 
 def pipeline(passes: Sequence["str | Pass"], lower: bool) -> list["str | Pass"]:

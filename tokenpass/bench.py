@@ -50,7 +50,7 @@ def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: t
     with PeakMemory() as memory, torch.no_grad():
         cache = model.new_cache(1)
         start = time.perf_counter()
-        logits = model.step(cache, context, torch.ones_like(context), positions)
+        logits = model.step(cache, context, torch.ones_like(context), positions, last_only=True)
         prefill_s = time.perf_counter() - start
         rows.append(logits[0, -1].float().log_softmax(-1))
         start = time.perf_counter()

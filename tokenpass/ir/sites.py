@@ -153,7 +153,7 @@ def strip_head_repeat(node: fx.Node) -> fx.Node:
         return node
     if int(out.shape[1]) % int(src.shape[1]) != 0 or src.shape[3] != out.shape[3]:
         return node
-    if not all(_is_full_slice(n) for n in chain if n.target == aten.slice.Tensor):
+    if not all(is_full_slice(n) for n in chain if n.target == aten.slice.Tensor):
         return node
     return cur
 
@@ -161,7 +161,7 @@ def strip_head_repeat(node: fx.Node) -> fx.Node:
 _REPEAT_OPS = {aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default, aten.slice.Tensor}
 
 
-def _is_full_slice(node: fx.Node) -> bool:
+def is_full_slice(node: fx.Node) -> bool:
     args = list(node.args) + [None] * 4
     start, end, step = args[2] or 0, args[3], args[4] or 1
     return start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= 2**62))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenpass.kernels.attention_ref import expand_kv_heads
+
 
 def step_mask(valid: torch.Tensor | None, new_tokens: int, slots: int) -> torch.Tensor | None:
     """``[B, H_kv, T, S]`` visibility: a live slot, not after the query (the last ``T`` slots are the step's).
@@ -43,6 +45,19 @@ def grouped_attention(
 def cache_attention_reference(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Attention of the step's ``T`` queries over ``S`` cache slots, the last ``T`` being the step's own."""
-    mask = step_mask(valid, query.shape[2], keys.shape[2])
-    return grouped_attention(query, keys, values, mask, scale)
+    """Attention of the step's ``T`` queries over ``S`` cache slots, the last ``T`` being the step's own.
+
+    Decode folds query groups (no KV copy). A multi-token step whose heads all see the same slots (no
+    per-head eviction) uses one ``[B, 1, T, S]`` mask, or SDPA's causal kernel when nothing is masked,
+    rather than a per-head mask that would cost ``H * T * S`` bytes.
+    """
+    t, s = query.shape[2], keys.shape[2]
+    if t == 1 or (valid is not None and not bool((valid == valid[:, :1]).all())):
+        return grouped_attention(query, keys, values, step_mask(valid, t, s), scale)
+    # Repeating KV heads costs O(S) here against O(T * S) attention, and keeps SDPA on its fused CPU
+    # kernel, which ``enable_gqa`` would leave for the math path (a full score matrix per head).
+    keys, values = expand_kv_heads(keys, query.shape[1]), expand_kv_heads(values, query.shape[1])
+    if valid is None and s == t:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale)
+    mask = step_mask(valid[:, :1] if valid is not None else None, t, s)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)

@@ -16,14 +16,25 @@ def new_cache(graph: TokenGraph, batch: int, capacity: int = 64) -> KVCache:
 
 
 def run_step(
-    graph: TokenGraph, cache: KVCache, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor
+    graph: TokenGraph,
+    cache: KVCache,
+    input_ids: torch.Tensor,
+    token_valid: torch.Tensor,
+    position_ids: torch.Tensor,
+    last_only: bool = False,
 ) -> torch.Tensor:
-    """One forward step of a lowered graph over ``cache``; returns logits and commits the new slots."""
+    """One forward step of a lowered graph over ``cache``; returns logits and commits the new slots.
+
+    ``last_only`` asks for the last position's logits only (``[B, 1, V]``), when the graph allows it.
+    """
     batch, spec = input_ids.shape[0], graph.spec
     cache.begin_step(position_ids, token_valid)
     empty = [input_ids.new_zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=spec.dtype)] * spec.num_layers
+    second = torch.ones_like(input_ids)
+    if last_only and "logit_rows" in graph.properties:
+        second[:, :-1] = 0  # row 0 marks the positions whose logits are computed (select_logit_rows)
     with using_cache(cache), torch.no_grad():
-        outputs = graph.module()(input_ids, torch.ones_like(input_ids), position_ids, empty, empty)
+        outputs = graph.module()(input_ids, second, position_ids, empty, empty)
     cache.commit()
     return outputs[0]
 

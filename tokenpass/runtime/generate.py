@@ -75,7 +75,7 @@ def generate_tokens(
     finished = torch.zeros(batch, dtype=torch.bool)
     pad = pad_token_id if pad_token_id is not None else eos_token_id
     for _ in range(max_new_tokens):
-        logits = model.step(cache, new_ids, valid, positions)
+        logits = model.step(cache, new_ids, valid, positions, last_only=True)
         next_ids = sampling.choose(logits[:, -1, :])
         if eos_token_id is not None:
             next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)

@@ -52,14 +52,16 @@ class OptimizedModel:
         input_ids: torch.Tensor,
         token_valid: torch.Tensor,
         position_ids: torch.Tensor,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Run ``input_ids`` ``[B, T]`` on top of ``cache`` (extended in place); returns logits ``[B, T, V]``.
 
         ``token_valid`` marks real tokens (False for left padding); ``position_ids`` are their positions.
+        ``last_only`` lets lowered graphs compute the last position's logits only (``[B, 1, V]``).
         """
         graph = self.graphs["decode" if input_ids.shape[1] == 1 else "prefill"]
         if isinstance(cache, KVCache):
-            return run_step(graph, cache, input_ids, token_valid, position_ids)
+            return run_step(graph, cache, input_ids, token_valid, position_ids, last_only)
         cache.mask = torch.cat([cache.mask, token_valid.long()], dim=1)
         with torch.no_grad():
             logits, cache.keys, cache.values = graph(input_ids, cache.mask, position_ids, cache.keys, cache.values)
