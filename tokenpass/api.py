@@ -25,16 +25,16 @@ def capture(model: nn.Module, phases: Sequence[str] = PHASES, name: str | None =
     return graphs
 
 
-CANONICAL = ["canonicalize_attention"]
-LOWERING = ["lower_kv_cache", "eliminate_noops", "dce", "select_logit_rows"]
+LOWER_FIRST = ["canonicalize_attention", "lower_kv_cache"]
+CLEAN_UP = ["eliminate_noops", "dce", "select_logit_rows"]
 
 
 def pipeline(passes: Sequence["str | Pass"], lower: bool) -> list["str | Pass"]:
-    """The full pass list: canonicalisation first, the user's passes, then lowering onto the runtime.
-
-    Canonicalisation and lowering are idempotent, so listing them explicitly as well does no harm.
+    """The full pass list: attention canonicalised and moved onto the runtime cache, the user's passes
+    (which rewrite those runtime ops), then clean-up. Every added pass is idempotent, so listing them
+    explicitly as well does no harm.
     """
-    return [*CANONICAL, *passes, *LOWERING] if lower else list(passes)
+    return [*LOWER_FIRST, *passes, *CLEAN_UP] if lower else list(passes)
 
 
 def optimize(
@@ -46,8 +46,7 @@ def optimize(
 ) -> OptimizedModel:
     """Capture ``model``, run ``passes`` (names or ``Pass`` objects) on each phase's graph, return a runnable model.
 
-    ``lower=True`` (the default) wraps the passes in canonicalisation and lowering onto the runtime's KV
-    cache; ``lower=False`` runs exactly ``passes`` on the captured graphs. With ``verify=True`` every exact
+    ``lower=True`` (the default) runs the passes on graphs lowered onto the runtime's KV cache; ``lower=False`` runs exactly ``passes`` on the captured graphs. With ``verify=True`` every exact
     pass is checked for unchanged outputs on sample inputs.
     """
     manager = PassManager(pipeline(passes, lower), verify=verify)

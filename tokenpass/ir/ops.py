@@ -52,3 +52,34 @@ def _cached_attention_fake(query, key_new, value_new, scale, layer):
 
 cached_attention_op = torch.ops.tokenpass.cached_attention.default
 RUNTIME_CACHE = "<runtime cache>"
+
+# Sparse decode attention (TidalDecode and the selection methods after it). A selection layer attends
+# densely and also returns, per head, the cache slots its query attended to most; later layers attend
+# only to those slots (plus their own new token). The slots tensor is an explicit data edge in the graph.
+SELECTION_ATTENTION = "tokenpass::selection_attention"
+SPARSE_ATTENTION = "tokenpass::sparse_attention"
+torch.library.define(
+    SELECTION_ATTENTION,
+    "(Tensor query, Tensor key_new, Tensor value_new, float scale, int layer, int top_k, bool per_kv_head, "
+    "bool sparse_output) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    SPARSE_ATTENTION,
+    "(Tensor query, Tensor key_new, Tensor value_new, Tensor slots, float scale, int layer) -> Tensor",
+)
+
+
+@torch.library.register_fake(SELECTION_ATTENTION)
+def _selection_attention_fake(query, key_new, value_new, scale, layer, top_k, per_kv_head, sparse_output):
+    heads = key_new.shape[1] if per_kv_head else query.shape[1]
+    slots = query.new_empty((query.shape[0], heads, top_k), dtype=torch.long)
+    return query.new_empty((*query.shape[:-1], value_new.shape[-1])), slots
+
+
+@torch.library.register_fake(SPARSE_ATTENTION)
+def _sparse_attention_fake(query, key_new, value_new, slots, scale, layer):
+    return query.new_empty((*query.shape[:-1], value_new.shape[-1]))
+
+
+selection_attention_op = torch.ops.tokenpass.selection_attention.default
+sparse_attention_op = torch.ops.tokenpass.sparse_attention.default

@@ -14,13 +14,25 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
-from tokenpass.ir.ops import RUNTIME_CACHE, attention_op, cached_attention_op
+from tokenpass.ir.ops import (
+    RUNTIME_CACHE,
+    attention_op,
+    cached_attention_op,
+    selection_attention_op,
+    sparse_attention_op,
+)
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
-ATTENTION_TARGETS = (SDPA, attention_op, cached_attention_op)
-OP_NAMES = {SDPA: "aten.scaled_dot_product_attention", attention_op: "tokenpass.attention",
-            cached_attention_op: "tokenpass.cached_attention"}
+OP_NAMES = {
+    SDPA: "aten.scaled_dot_product_attention",
+    attention_op: "tokenpass.attention",
+    cached_attention_op: "tokenpass.cached_attention",
+    selection_attention_op: "tokenpass.selection_attention",
+    sparse_attention_op: "tokenpass.sparse_attention",
+}
+ATTENTION_TARGETS = tuple(OP_NAMES)
+RUNTIME_CACHE_OPS = (cached_attention_op, selection_attention_op, sparse_attention_op)
 LOSS_TARGETS = {
     aten.cross_entropy_loss.default,
     aten.nll_loss_forward.default,
@@ -186,8 +198,9 @@ def _attention_args(node: fx.Node) -> dict:
     if node.target == attention_op:
         names = ("query", "key", "value", "mask", "scale", "is_causal", "layer")
         return dict(zip(names, node.args))
-    if node.target == cached_attention_op:
-        query, key, value, scale, layer = node.args
+    if node.target in RUNTIME_CACHE_OPS:
+        query, key, value = node.args[:3]
+        scale, layer = (node.args[4], node.args[5]) if node.target == sparse_attention_op else node.args[3:5]
         return dict(query=query, key=key, value=value, mask=None, scale=scale, is_causal=True, layer=layer)
     args = list(node.args) + [None] * 8
     query, key, value = args[:3]
@@ -227,7 +240,7 @@ def attention_site(node: fx.Node, order: int, outputs: set[fx.Node]) -> Attentio
 
 
 def _cache_slot(node: fx.Node, kv: fx.Node, outputs: set[fx.Node]) -> CacheSlot:
-    if node.target == cached_attention_op:
+    if node.target in RUNTIME_CACHE_OPS:
         return CacheSlot(past=RUNTIME_CACHE, new=kv.name, present=RUNTIME_CACHE)
     return match_cache_update(kv, outputs)
 

@@ -12,7 +12,10 @@ from tokenpass.ir.graph import TokenGraph
 from tokenpass.passes.base import Pass, PassResult
 from tokenpass.passes.registry import make_pass, providers
 
+# Exact passes are exact in real arithmetic; float reassociation (another kernel, another summation
+# order) may move outputs by a few ulps per layer, so the bound scales with the output's magnitude.
 VERIFY_ATOL = 1e-5
+VERIFY_RTOL = 1e-4
 
 
 class PassManager:
@@ -75,11 +78,15 @@ class PassManager:
         inputs, expected = reference
         got = graph.run(*inputs)
         for index, (a, b) in enumerate(zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got))):
+            if a.shape != b.shape:
+                raise PassError(f"exact pass '{p.name}' changed output {index} of {graph.label}{self._after(results)}"
+                                f": shape {tuple(a.shape)} -> {tuple(b.shape)}")
             diff = (a - b).abs().max().item() if a.numel() else 0.0
-            if a.shape != b.shape or diff > VERIFY_ATOL:
+            allowed = VERIFY_ATOL + VERIFY_RTOL * (a.abs().max().item() if a.numel() else 0.0)
+            if not diff <= allowed:
                 raise PassError(
                     f"exact pass '{p.name}' changed output {index} of {graph.label}{self._after(results)}: "
-                    f"shape {tuple(a.shape)} -> {tuple(b.shape)}, max abs diff {diff:.3g} (allowed {VERIFY_ATOL})"
+                    f"max abs diff {diff:.3g} (allowed {allowed:.3g})"
                 )
 
 

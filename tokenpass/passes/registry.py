@@ -23,12 +23,40 @@ def pass_names() -> list[str]:
 
 
 def make_pass(spec: "str | Pass") -> Pass:
-    """A pass instance from an instance (returned as is) or a registered name with default options."""
+    """A pass instance from an instance (returned as is) or a name with options.
+
+    The string form is what the CLI takes: ``name`` or ``name:option=value:option=value``, where a
+    value is an int, a float, true/false, or a ``/``-separated list of ints
+    (``tidaldecode:top_k=512:selection_layers=2/8/16``).
+    """
     if isinstance(spec, Pass):
         return spec
-    if isinstance(spec, str) and spec in PASSES:
-        return PASSES[spec]()
-    raise PassError(f"unknown pass {spec!r}: choose one of {', '.join(pass_names())}")
+    name, *options = str(spec).split(":")
+    if name not in PASSES:
+        raise PassError(f"unknown pass {name!r}: choose one of {', '.join(pass_names())}")
+    kwargs = dict(_option(name, text) for text in options)
+    try:
+        return PASSES[name](**kwargs)
+    except TypeError as exc:
+        raise PassError(f"pass '{name}': bad options {kwargs}: {exc}") from None
+
+
+def _option(pass_name: str, text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise PassError(f"pass '{pass_name}': option {text!r} is not key=value")
+    if raw.lower() in ("true", "false"):
+        return key, raw.lower() == "true"
+    try:
+        if "/" in raw:
+            return key, [int(v) for v in raw.split("/") if v]
+        return key, int(raw)
+    except ValueError:
+        pass
+    try:
+        return key, float(raw)
+    except ValueError:
+        return key, raw
 
 
 def providers(prop: str) -> list[str]:

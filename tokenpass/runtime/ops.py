@@ -1,19 +1,21 @@
-"""Runtime ops: attention that reads and extends the runtime-owned KV cache.
+"""Runtime implementations of the IR's cache-reading attention ops.
 
-The IR declares ``tokenpass::cached_attention(q, k_new, v_new, scale, layer)``; this is its
-implementation. It stages the step's new keys/values into
-layer ``layer`` of the active cache and attends over every live slot. Lowering rewrites canonical
-attention into it; its outputs depend on the cache, which is why it only runs inside the runtime.
-Dispatch is by device: the Triton decode kernel on CUDA, the exact torch reference elsewhere.
+Each op stages the step's new keys/values into its layer of the active cache, then attends: over every
+live slot (``cached_attention``), over every slot while also choosing the top slots
+(``selection_attention``), or over chosen slots only (``sparse_attention``). Their outputs depend on the
+cache, which is why they only run inside the runtime. Dense decode dispatches by device: the Triton
+kernel on CUDA, the exact torch reference elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tokenpass.ir.ops import CACHED_ATTENTION
+from tokenpass.ir.ops import CACHED_ATTENTION, SELECTION_ATTENTION, SPARSE_ATTENTION
 from tokenpass.kernels.cache_attention_ref import cache_attention_reference
+from tokenpass.kernels.sparse_attention_ref import selection_attention_reference, sparse_attention_reference
 from tokenpass.runtime.context import active_cache
+
 
 def attend_cache(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid, scale: float) -> torch.Tensor:
     """Attention of ``query`` over cache slots: Triton decode kernel on CUDA, torch reference otherwise."""
@@ -28,8 +30,26 @@ def attend_cache(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 def cached_attention(
     query: torch.Tensor, key_new: torch.Tensor, value_new: torch.Tensor, scale: float, layer: int
 ) -> torch.Tensor:
+    keys, values, valid = _staged(layer, key_new, value_new)
+    return attend_cache(query, keys, values, valid, scale)
+
+
+def _staged(layer: int, key_new: torch.Tensor, value_new: torch.Tensor):
+    """Stage the step's keys/values; return the layer's live keys, values and validity (None: all live)."""
     cache = active_cache()
     layer_cache = cache.stage(layer, key_new, value_new)
     slots = layer_cache.length + key_new.shape[2]
     valid = None if cache.all_valid else layer_cache.valid[:, :, :slots]
-    return attend_cache(query, layer_cache.keys[:, :, :slots], layer_cache.values[:, :, :slots], valid, scale)
+    return layer_cache.keys[:, :, :slots], layer_cache.values[:, :, :slots], valid
+
+
+@torch.library.impl(SELECTION_ATTENTION, "CompositeExplicitAutograd")
+def selection_attention(query, key_new, value_new, scale, layer, top_k, per_kv_head, sparse_output):
+    keys, values, valid = _staged(layer, key_new, value_new)
+    return selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, sparse_output)
+
+
+@torch.library.impl(SPARSE_ATTENTION, "CompositeExplicitAutograd")
+def sparse_attention(query, key_new, value_new, slots, scale, layer):
+    keys, values, valid = _staged(layer, key_new, value_new)
+    return sparse_attention_reference(query, keys, values, valid, slots, scale)

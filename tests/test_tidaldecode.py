@@ -1,0 +1,130 @@
+"""TidalDecode: exactness, faithfulness to a masked reference, quality on real text, errors, inspection."""
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from typer.testing import CliRunner
+
+import tokenpass
+from tokenpass.bench import bench, teacher_forced
+from tokenpass.cli import app
+from tokenpass.errors import PassError
+from tokenpass.passes import PassManager
+from tokenpass.passes.tidaldecode import TidalDecode, default_selection_layers
+
+from conftest import hf_greedy, padded_batch
+
+DENSE_SPARSE = "tidaldecode:top_k=4096:selection_layers=2"  # layer 3 reads layer 2's selection
+
+
+def test_top_k_covering_the_context_reproduces_dense_greedy(family):
+    model = tokenpass.tiny(family)
+    optimized = tokenpass.optimize(model, passes=[DENSE_SPARSE])
+    counts = optimized.reports["decode"][2].counts
+    assert counts == {"dense_layers": 2, "selection_layers": 1, "sparse_layers": 1}
+    ids, mask = padded_batch(model.config.vocab_size, length=30, pad=7)
+    assert torch.equal(optimized.generate(ids, mask, max_new_tokens=24), hf_greedy(model, ids, mask, 24))
+
+
+class _MaskedTidalReference:
+    """The method written plainly as HF attention: dense scores, non-selected positions masked out."""
+
+    def __init__(self, top_k: int, sparse_start: int, selection: list[int]):
+        self.top_k, self.sparse_start, self.selection, self.chosen = top_k, sparse_start, selection, None
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = module.layer_idx
+        if query.shape[2] > 1 or layer < self.sparse_start:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        group = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        scores = (query @ k.transpose(-1, -2)) * scaling  # [B, H, 1, S]; the last position is this token
+        if layer in self.selection:
+            past = scores[..., :-1]
+            self.chosen = past.topk(min(self.top_k, past.shape[-1]), dim=-1).indices
+        else:
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, self.chosen, True)
+            keep[..., -1] = True
+            scores = scores.masked_fill(~keep, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2).contiguous(), None
+
+
+def test_logits_equal_a_masked_attention_reference_step_by_step():
+    model = tokenpass.tiny("qwen2")
+    context, steps = 48, 12
+    ids = torch.randint(3, 300, (1, context + steps), generator=torch.Generator().manual_seed(3))
+    optimized = tokenpass.optimize(model, passes=["tidaldecode:top_k=5:sparse_start=1:selection_layers=1/3"])
+    got = teacher_forced(optimized, ids[:, :context], ids[0, context:], "tidal").logprobs
+
+    AttentionInterface.register("tidal_reference", _MaskedTidalReference(5, 1, [1, 3]))
+    model.set_attn_implementation("tidal_reference")
+    try:
+        cache, want = DynamicCache(), []
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+            want.append(out.logits[0, -1].log_softmax(-1))
+            for i in range(steps - 1):
+                out = model(input_ids=ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True)
+                want.append(out.logits[0, -1].log_softmax(-1))
+    finally:
+        model.set_attn_implementation("sdpa")
+    want = torch.stack(want)
+    dense = teacher_forced(tokenpass.optimize(model), ids[:, :context], ids[0, context:], "dense").logprobs
+    assert (dense - want).abs().max() > 1e-2  # the sparsity really changes the predictions ...
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # ... exactly as the method says
+
+
+def test_rewrite_adds_cross_layer_edges_visible_in_inspect():
+    result = CliRunner().invoke(app, ["inspect", "llama", "--passes",
+                                      "canonicalize_attention,lower_kv_cache,tidaldecode:selection_layers=2",
+                                      "--format", "dot"])
+    assert result.exit_code == 0, result.output
+    assert '"layer2" -> "layer3" [style=dashed' in result.stdout
+    report = CliRunner().invoke(app, ["inspect", "llama", "--passes",
+                                      "canonicalize_attention,lower_kv_cache,tidaldecode:selection_layers=2",
+                                      "--format", "json"])
+    ops = [s["op"] for s in __import__("json").loads(report.stdout)["attention_sites"]]
+    assert ops == ["tokenpass.cached_attention"] * 2 + ["tokenpass.selection_attention", "tokenpass.sparse_attention"]
+
+
+def test_second_application_is_a_no_op_and_prefill_is_untouched():
+    optimized = tokenpass.optimize(tokenpass.tiny("llama"), passes=[DENSE_SPARSE, DENSE_SPARSE])
+    first, second = optimized.reports["decode"][2:4]
+    assert first.modified and not second.modified and second.counts["already_applied"] == 1
+    prefill = optimized.reports["prefill"][2]
+    assert prefill.skipped and not prefill.modified
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(top_k=0), "top_k must be a positive integer"),
+    (dict(selection_layers=[1, 5], sparse_start=2), "selection layer 1 is below sparse_start=2"),
+    (dict(selection_layers=[3, 2]), "increasing"),
+])
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(PassError, match=message):
+        TidalDecode(**options)
+
+
+def test_selection_layer_out_of_range_names_the_model_size():
+    graph = tokenpass.capture(tokenpass.tiny("llama"), phases=("decode",))["decode"]
+    with pytest.raises(PassError, match="selection layer 9 is out of range \\(the model has 4 layers\\)"):
+        PassManager(["canonicalize_attention", "lower_kv_cache", TidalDecode(selection_layers=[2, 9])]).run(graph)
+
+
+def test_default_selection_layers_follow_the_paper():
+    assert default_selection_layers(32, 2) == [2, 13]
+    assert default_selection_layers(30, 2) == [2, 12]
+
+
+@pytest.mark.smollm2
+def test_quality_on_real_text_within_bounds(smollm2):
+    from tokenpass.models import load_tokenizer
+    from tokenpass.texts import read_text, token_ids
+
+    ids = token_ids(load_tokenizer("smollm2"), read_text(), 1024 + 64)
+    configs = {"paper": ["tidaldecode:top_k=128:selection_layers=2/13"], "exact": ["tidaldecode:top_k=2048"]}
+    report = bench(smollm2, configs, token_ids=ids, context=1024, continuation=64, greedy_tokens=0, name="smollm2")
+    base, paper, exact = report["configs"]
+    assert exact["top1_agreement"] == 1.0 and exact["kl"] < 1e-6
+    assert paper["ppl_ratio"] < 1.5 and paper["top1_agreement"] > 0.6 and paper["kl"] > exact["kl"]

@@ -1,0 +1,149 @@
+"""TidalDecode: position-persistent sparse attention across layers (decode step only).
+
+Layers below ``sparse_start`` attend densely. Each *selection layer* attends densely (or over its own
+choice, with ``sparse_selection_output``) and picks, per query head (or per KV head), the ``top_k``
+cache slots its query scored highest. Every later layer attends only to the slots picked by the most
+recent selection layer below it, plus its own new token. Keys keep their original positions.
+
+Before (decode step after lowering; layers 0..L-1)::
+
+    out_l = tokenpass.cached_attention(q_l, k_l, v_l, scale, l)                  # every layer
+
+After (sparse_start=2, selection_layers=[2, 12])::
+
+    out_0 = tokenpass.cached_attention(q_0, k_0, v_0, scale, 0)                  # dense
+    sel_2 = tokenpass.selection_attention(q_2, k_2, v_2, scale, 2, top_k, ...)   # dense + choose
+    out_2, slots_2 = sel_2[0], sel_2[1]
+    out_3 = tokenpass.sparse_attention(q_3, k_3, v_3, slots_2, scale, 3)         # reads slots_2
+    ...
+    sel_12 = tokenpass.selection_attention(...); slots_12 = sel_12[1]
+    out_13 = tokenpass.sparse_attention(q_13, k_13, v_13, slots_12, scale, 13)
+
+The ``slots`` edges from selection to sparse layers are ordinary graph data edges (``tokenpass inspect
+--passes tidaldecode`` draws them). Prefill is untouched: the pass applies to the decode graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+from tokenpass.errors import PassError
+from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.ops import cached_attention_op, selection_attention_op, sparse_attention_op
+from tokenpass.passes.base import Miss, Pass, PassResult
+from tokenpass.passes.registry import register
+from tokenpass.passes.rewrite import replace_node
+
+# The paper's scripts re-select at layer 13 of Llama-3-8B's 32 layers.
+PAPER_RESELECT_FRACTION = 13 / 32
+
+
+def default_selection_layers(num_layers: int, sparse_start: int) -> list[int]:
+    """The paper's two selection layers: ``sparse_start`` and one in the middle of the stack."""
+    middle = max(sparse_start + 1, round(PAPER_RESELECT_FRACTION * num_layers))
+    return [sparse_start] + ([middle] if middle < num_layers else [])
+
+
+@register
+class TidalDecode(Pass):
+    name = "tidaldecode"
+    exact = False
+    requires = frozenset({"runtime_kv_cache"})
+    provides = frozenset({"sparse_attention"})
+    phases = ("decode",)
+
+    def __init__(
+        self,
+        top_k: int = 256,
+        sparse_start: int = 2,
+        selection_layers: Sequence[int] | None = None,
+        per_kv_head: bool = False,
+        sparse_selection_output: bool = False,
+    ):
+        if not isinstance(top_k, int) or top_k < 1:
+            raise PassError(f"tidaldecode: top_k must be a positive integer, got {top_k!r}")
+        if not isinstance(sparse_start, int) or sparse_start < 0:
+            raise PassError(f"tidaldecode: sparse_start must be a non-negative integer, got {sparse_start!r}")
+        if isinstance(selection_layers, int):
+            selection_layers = [selection_layers]
+        if selection_layers is not None:
+            layers = list(selection_layers)
+            if not layers or any(b <= a for a, b in zip(layers, layers[1:])):
+                raise PassError(f"tidaldecode: selection_layers must be a non-empty increasing list, got {layers}")
+            if layers[0] < sparse_start:
+                raise PassError(
+                    f"tidaldecode: selection layer {layers[0]} is below sparse_start={sparse_start}; "
+                    "layers below sparse_start are dense"
+                )
+        self.top_k = top_k
+        self.sparse_start = sparse_start
+        self.selection_layers = None if selection_layers is None else list(selection_layers)
+        self.per_kv_head = per_kv_head
+        self.sparse_selection_output = sparse_selection_output
+
+    def __repr__(self) -> str:
+        return (f"TidalDecode(top_k={self.top_k}, sparse_start={self.sparse_start}, "
+                f"selection_layers={self.selection_layers}, per_kv_head={self.per_kv_head}, "
+                f"sparse_selection_output={self.sparse_selection_output})")
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The selection layers for a model of ``num_layers``; out-of-range choices are errors."""
+        if self.sparse_start >= num_layers:
+            raise PassError(f"tidaldecode: sparse_start={self.sparse_start} but the model has {num_layers} layers")
+        layers = self.selection_layers or default_selection_layers(num_layers, self.sparse_start)
+        bad = [layer for layer in layers if layer >= num_layers]
+        if bad:
+            raise PassError(f"tidaldecode: selection layer {bad[0]} is out of range (the model has {num_layers} layers)")
+        return layers
+
+    def run(self, graph: TokenGraph) -> PassResult:
+        result = PassResult(self.name, graph)
+        sites = graph.sites().attention
+        ops = {graph.node(s.node).target for s in sites}
+        if ops & {selection_attention_op, sparse_attention_op}:
+            result.counts["already_applied"] = 1
+            return result
+        selection = set(self.resolve_layers(len(sites)))
+        if self.sparse_start not in selection:
+            raise PassError(f"tidaldecode: layer sparse_start={self.sparse_start} must be a selection layer "
+                            f"(got {sorted(selection)}): the first sparse layer needs a selection to read")
+        slots = None
+        for site in sites:
+            node = graph.node(site.node)
+            if site.layer < self.sparse_start:
+                result.counts["dense_layers"] += 1
+                continue
+            if node.target != cached_attention_op:
+                result.misses.append(Miss(f"layer {site.layer} attention ({site.node})", "attention on the runtime cache",
+                                          f"op is {site.op}; run lower_kv_cache first"))
+                return result
+            args = (graph.node(site.query), graph.node(site.key), graph.node(site.value))
+            if site.layer in selection:
+                slots = self._selection(graph, node, args, site.scale, site.layer)
+                result.counts["selection_layers"] += 1
+            else:
+                new = replace_node(graph, node, sparse_attention_op, (*args, slots, site.scale, site.layer), self.name)
+                result.replaced[node.name] = new.name
+                result.counts["sparse_layers"] += 1
+        result.modified = True
+        return result
+
+    def _selection(self, graph: TokenGraph, node, args, scale: float, layer: int):
+        """Replace ``node`` by a selection op; its users read element 0, later layers element 1 (slots)."""
+        with graph.graph.inserting_before(node):
+            select = graph.graph.call_function(
+                selection_attention_op,
+                (*args, scale, layer, self.top_k, self.per_kv_head, self.sparse_selection_output),
+            )
+            out = graph.graph.call_function(operator.getitem, (select, 0))
+            slots = graph.graph.call_function(operator.getitem, (select, 1))
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in node.meta:
+                select.meta[key] = node.meta[key]
+        out.meta.update(node.meta)
+        for new in (select, out, slots):
+            new.meta["tokenpass"] = {"pass": self.name, "replaces": node.name}
+        node.replace_all_uses_with(out)
+        graph.graph.erase_node(node)
+        return slots
