@@ -50,3 +50,33 @@ def test_decode_attention_bf16_on_gpu():
     q, k, v = _inputs(1, 32, 8, 4096, 64, dtype=torch.bfloat16)
     ref = cache_attention_reference(q.float(), k.float(), v.float(), None, 0.125)
     torch.testing.assert_close(decode_attention(q, k, v, None, 0.125).float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_selection_scores_from_the_decode_kernel_match_reference(per_kv_head):
+    from tokenpass.kernels.decode_attention import decode_attention
+    from tokenpass.kernels.sparse_attention_ref import decode_scores, selection_attention_reference, top_slots
+
+    q, k, v = _inputs(2, 6, 3, 45, 16, seed=3)
+    out, scores = decode_attention(q, k, v, None, 0.25, block_n=16, return_scores=True)
+    torch.testing.assert_close(scores, decode_scores(q, k, None, 0.25), rtol=1e-4, atol=1e-5)
+    ref_out, ref_slots = selection_attention_reference(q, k, v, None, 0.25, 8, per_kv_head, False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    assert torch.equal(top_slots(scores, 8, per_kv_head).sort(-1).values, ref_slots.sort(-1).values)
+
+
+@pytest.mark.parametrize("per_kv_head,with_valid", [(False, False), (True, False), (False, True)])
+def test_sparse_decode_kernel_matches_reference(per_kv_head, with_valid):
+    from tokenpass.kernels.sparse_attention_ref import sparse_attention_reference
+    from tokenpass.kernels.sparse_decode_attention import sparse_decode_attention
+
+    q, k, v = _inputs(2, 8, 2, 90, 32, seed=4)
+    g = torch.Generator().manual_seed(5)
+    heads = 2 if per_kv_head else 8
+    slots = torch.stack([torch.randperm(89, generator=g)[:21] for _ in range(2 * heads)]).view(2, heads, 21).to(DEVICE)
+    valid = None
+    if with_valid:
+        valid = (torch.rand(2, 2, 90, generator=g) > 0.3).to(DEVICE)
+        valid[:, :, -1] = True
+    got = sparse_decode_attention(q, k, v, valid, slots, 0.2, block_n=16)
+    torch.testing.assert_close(got, sparse_attention_reference(q, k, v, valid, slots, 0.2), rtol=1e-4, atol=1e-5)

@@ -17,14 +17,14 @@ import triton.language as tl
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, VALID, M_OUT, L_OUT, O_OUT,
+    Q, K, V, VALID, M_OUT, L_OUT, O_OUT, SCORES,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mb, stride_mh, stride_ms, stride_mg,
     stride_valid_b, stride_valid_h, stride_valid_s,
     slots, group, head_dim, chunk, scale,
-    NUM_KV_HEADS: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WRITE_SCORES: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -58,6 +58,9 @@ def _decode_split_kernel(
             live = tl.load(VALID + b * stride_valid_b + h * stride_valid_h + n * stride_valid_s, mask=n_mask, other=0)
             keep = keep & (live != 0)
         s = tl.where(keep[None, :], s, float("-inf"))
+        if WRITE_SCORES:  # [B, Hkv, G, S] scores for a top-k that runs after the kernel
+            s_ptrs = SCORES + ((b * NUM_KV_HEADS + h) * group + offs_g)[:, None] * slots + n[None, :]
+            tl.store(s_ptrs, s, mask=g_mask[:, None] & n_mask[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
@@ -100,8 +103,13 @@ def decode_attention(
     valid: torch.Tensor | None,
     scale: float,
     block_n: int = 64,
-) -> torch.Tensor:
-    """One query token per sequence ``[B, Hq, 1, D]`` over cache slots ``[B, Hkv, S, D]`` (any strides)."""
+    return_scores: bool = False,
+):
+    """One query token per sequence ``[B, Hq, 1, D]`` over cache slots ``[B, Hkv, S, D]`` (any strides).
+
+    ``return_scores`` also returns the scaled scores ``[B, Hkv, G, S]`` (dead slots at ``-inf``), written
+    in the same pass over the keys: what a selection layer's top-k needs.
+    """
     batch, heads, steps, head_dim = query.shape
     if steps != 1:
         raise ValueError(f"decode_attention takes one query token per sequence, got {steps}")
@@ -119,13 +127,16 @@ def decode_attention(
     valid_arg = valid.to(torch.int8) if has_valid else m
     valid_strides = valid_arg.stride() if has_valid else (0, 0, 0)
     q = query[:, :, 0]
+    scores = torch.empty((batch, kv_heads, group, slots) if return_scores else (1,), dtype=torch.float32,
+                         device=query.device)
     _decode_split_kernel[(batch * kv_heads, splits)](
-        q, keys, values, valid_arg, m, l, o,
+        q, keys, values, valid_arg, m, l, o, scores,
         *q.stride(), *keys.stride(), *values.stride(), *m.stride(), *valid_strides,
         slots, group, head_dim, chunk, scale,
-        NUM_KV_HEADS=kv_heads, HAS_VALID=has_valid, IEEE=query.dtype == torch.float32,
+        NUM_KV_HEADS=kv_heads, HAS_VALID=has_valid, IEEE=query.dtype == torch.float32, WRITE_SCORES=return_scores,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     out = merge_splits(m[..., :group], l[..., :group], o[..., :group, :head_dim])  # [B, Hkv, G, D]
-    return out.reshape(batch, heads, 1, head_dim).to(query.dtype)
+    out = out.reshape(batch, heads, 1, head_dim).to(query.dtype)
+    return (out, scores) if return_scores else out
 

@@ -13,7 +13,11 @@ import torch
 
 from tokenpass.ir.ops import CACHED_ATTENTION, SELECTION_ATTENTION, SPARSE_ATTENTION
 from tokenpass.kernels.cache_attention_ref import cache_attention_reference
-from tokenpass.kernels.sparse_attention_ref import selection_attention_reference, sparse_attention_reference
+from tokenpass.kernels.sparse_attention_ref import (
+    selection_attention_reference,
+    sparse_attention_reference,
+    top_slots,
+)
 from tokenpass.runtime.context import active_cache
 
 
@@ -43,13 +47,30 @@ def _staged(layer: int, key_new: torch.Tensor, value_new: torch.Tensor):
     return layer_cache.keys[:, :, :slots], layer_cache.values[:, :, :slots], valid
 
 
+def attend_slots(query, keys, values, valid, slots, scale: float) -> torch.Tensor:
+    """Attention over selected slots: Triton sparse kernel on CUDA, torch reference otherwise."""
+    if query.is_cuda:
+        from tokenpass.kernels.sparse_decode_attention import sparse_decode_attention
+
+        return sparse_decode_attention(query, keys, values, valid, slots, scale)
+    return sparse_attention_reference(query, keys, values, valid, slots, scale)
+
+
 @torch.library.impl(SELECTION_ATTENTION, "CompositeExplicitAutograd")
 def selection_attention(query, key_new, value_new, scale, layer, top_k, per_kv_head, sparse_output):
     keys, values, valid = _staged(layer, key_new, value_new)
-    return selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, sparse_output)
+    if not query.is_cuda:
+        return selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, sparse_output)
+    from tokenpass.kernels.decode_attention import decode_attention
+
+    out, scores = decode_attention(query, keys, values, valid, scale, return_scores=True)
+    slots = top_slots(scores, top_k, per_kv_head)
+    if sparse_output:
+        out = attend_slots(query, keys, values, valid, slots, scale)
+    return out, slots
 
 
 @torch.library.impl(SPARSE_ATTENTION, "CompositeExplicitAutograd")
 def sparse_attention(query, key_new, value_new, slots, scale, layer):
     keys, values, valid = _staged(layer, key_new, value_new)
-    return sparse_attention_reference(query, keys, values, valid, slots, scale)
+    return attend_slots(query, keys, values, valid, slots, scale)
