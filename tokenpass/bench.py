@@ -48,7 +48,7 @@ def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: t
     positions = positions_from_mask(torch.ones_like(context))
     rows = []
     with PeakMemory() as memory, torch.no_grad():
-        cache = model.new_cache(1)
+        cache = model.new_cache(1, capacity=context.shape[1] + len(continuation))
         start = time.perf_counter()
         logits = model.step(cache, context, torch.ones_like(context), positions, last_only=True)
         prefill_s = time.perf_counter() - start

@@ -1,4 +1,9 @@
-"""Real text for quality measurements, found on every machine without downloads."""
+"""Real text for quality measurements, found on every machine without downloads.
+
+The default corpus joins distinct licence texts that ship with CPython and Debian (about 25k SmolLM2
+tokens), so a continuation after a long context is new text, not a copy of text the context already
+holds: CPython's LICENSE.txt alone is 3.8k tokens, and repeating it makes perplexity meaningless (1.3).
+"""
 
 from __future__ import annotations
 
@@ -8,32 +13,42 @@ from pathlib import Path
 
 from tokenpass.errors import TokenpassError
 
-_CANDIDATES = (
-    Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt",  # CPython's licence (about 14k tokens)
+_CORPUS = (
+    Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt",
     Path("/usr/share/common-licenses/GPL-3"),
     Path("/usr/share/common-licenses/Apache-2.0"),
+    Path("/usr/share/common-licenses/MPL-2.0"),
+    Path("/usr/share/common-licenses/GFDL-1.3"),
+    Path("/usr/share/common-licenses/Artistic"),
+    Path("/usr/share/common-licenses/CC0-1.0"),
 )
 
 
-def default_text_path() -> Path:
-    for path in _CANDIDATES:
-        if path.is_file():
-            return path
-    raise TokenpassError(f"no default text found (looked for {', '.join(map(str, _CANDIDATES))}); pass --text FILE")
+def default_text_paths() -> list[Path]:
+    paths = [p for p in _CORPUS if p.is_file()]
+    if not paths:
+        raise TokenpassError(f"no default text found (looked for {', '.join(map(str, _CORPUS))}); pass --text FILE")
+    return paths
+
+
+def describe_default_text() -> str:
+    paths = default_text_paths()
+    return f"{paths[0]} + {len(paths) - 1} Debian licence texts" if len(paths) > 1 else str(paths[0])
 
 
 def read_text(path: str | os.PathLike | None = None) -> str:
-    path = Path(path) if path else default_text_path()
+    """The file at ``path``, or the default corpus."""
+    if path is None:
+        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in default_text_paths())
+    path = Path(path)
     if not path.is_file():
         raise TokenpassError(f"text file {path} does not exist")
     return path.read_text(encoding="utf-8", errors="replace")
 
 
 def token_ids(tokenizer, text: str, needed: int) -> list[int]:
-    """``needed`` token ids of ``text``, repeating it if it is too short."""
+    """The first ``needed`` token ids of ``text``; a shorter text is an error (repeating it would be copying)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise TokenpassError("the text is empty")
-    while len(ids) < needed:
-        ids = ids + ids
+    if len(ids) < needed:
+        raise TokenpassError(f"the text has {len(ids)} tokens, fewer than the {needed} needed; give a longer --text")
     return ids[:needed]

@@ -3,8 +3,10 @@
     .venv/bin/python tools/bench_tidaldecode.py --context 4096 --continuation 256 --top-k 128 256 512 1024 \
         --sets paper every4 every2 all --json-out docs/tidaldecode_sweep.json
 
-Selection-layer sets: ``paper`` = {2, 13} (the paper's re-selection layer 13 of 32 is 12 of 30 by
-fraction; the calibration used 13), ``everyN`` = every N-th layer from 2, ``all`` = every layer from 2.
+Selection-layer sets: ``paper`` = {2, 13} with dense selection layers (the paper's re-selection layer is
+13 of 32, 12 of 30 by fraction; the calibration used 13); ``everyN`` = every N-th layer from 2 and ``all``
+= every layer from 2, whose selection layers attend over their own selection (``sparse_selection_output``:
+scoring reads all keys, but values only at the selected slots).
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--sets", nargs="+", default=["paper"])
     parser.add_argument("--per-kv-head", action="store_true")
-    parser.add_argument("--sparse-selection-output", action="store_true")
     parser.add_argument("--greedy", type=int, default=0)
     parser.add_argument("--json-out")
     args = parser.parse_args()
@@ -50,7 +51,7 @@ def main() -> None:
             spec = f"tidaldecode:top_k={k}:selection_layers={'/'.join(map(str, selection_set(set_name)))}"
             if args.per_kv_head:
                 spec += ":per_kv_head=true"
-            if args.sparse_selection_output:
+            if set_name != "paper":
                 spec += ":sparse_selection_output=true"
             configs[f"{set_name} k={k}"] = [spec]
     model = tokenpass.load("smollm2")

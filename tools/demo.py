@@ -13,7 +13,7 @@ import tokenpass
 from tokenpass.bench import bench
 from tokenpass.bench_report import render_bench
 from tokenpass.models import load_tokenizer
-from tokenpass.texts import default_text_path, read_text, token_ids
+from tokenpass.texts import describe_default_text, read_text, token_ids
 
 CONFIGS = {
     "canonical (exact)": ["canonicalize_attention", "dce"],
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--continuation", type=int, default=128)
     args = parser.parse_args()
     console = Console(width=180)
-    console.print(f"[bold]tokenpass demo[/bold]: SmolLM2-135M-Instruct on {default_text_path()}")
+    console.print(f"[bold]tokenpass demo[/bold]: SmolLM2-135M-Instruct on {describe_default_text()}")
     model = tokenpass.load("smollm2")
     ids = token_ids(load_tokenizer("smollm2"), read_text(), args.context + args.continuation)
     report = bench(model, CONFIGS, token_ids=ids, context=args.context, continuation=args.continuation, name="smollm2")

@@ -60,6 +60,21 @@ def selection_attention_reference(
     return attend_with_scores(scores, values, query.dtype), slots
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A ``[B, H, S, D]`` cache view (unit last stride) as 2-D rows over the same storage, no copy.
+
+    Cache views are slices of larger buffers, so ``reshape`` would copy the whole cache; selecting rows
+    of the underlying storage reads only the chosen slots.
+    """
+    b, h, s, d = x.shape
+    sb, sh, ss, sd = x.stride()
+    if sd != 1 or ss != d:
+        x = x.contiguous()
+        sb, sh, ss, _ = x.stride()
+    rows = ((b - 1) * sb + (h - 1) * sh) // d + s
+    return x.as_strided((rows, d), (d, 1), x.storage_offset())
+
+
 def sparse_attention_reference(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None,
     slots: torch.Tensor, scale: float,
@@ -67,17 +82,23 @@ def sparse_attention_reference(
     """Attention over the selected ``slots`` plus the step's own slot (always attended)."""
     b, hq, _, d = query.shape
     hkv, s = keys.shape[1], keys.shape[2]
-    current = slots.new_full((*slots.shape[:2], 1), s - 1)
-    index = torch.cat([slots, current], dim=-1)
-    index = index.reshape(b, hkv, index.shape[1] // hkv, index.shape[-1])  # [B, Hkv, G or 1, k+1]
-    expanded = (b, hkv, index.shape[2], s, d)
-    gather_index = index[..., None].expand(*index.shape, d)
-    k_sel = keys[:, :, None].expand(expanded).gather(3, gather_index)
-    v_sel = values[:, :, None].expand(expanded).gather(3, gather_index)
-    q = query.reshape(b, hkv, hq // hkv, 1, d).float()
-    scores = torch.matmul(q, k_sel.float().transpose(-1, -2)) * scale  # [B, Hkv, G, 1, k+1]
+    index = torch.cat([slots, slots.new_full((*slots.shape[:2], 1), s - 1)], dim=-1)  # [B, Hsel, k+1]
+    hsel = index.shape[1]
+    head = (torch.arange(hsel, device=index.device) // (hsel // hkv))[None, :, None]
+    batch = torch.arange(b, device=index.device)[:, None, None]
+    k_sel = _rows(keys).index_select(0, _row_index(keys, batch, head, index)).view(b, hsel, -1, d)
+    v_sel = _rows(values).index_select(0, _row_index(values, batch, head, index)).view(b, hsel, -1, d)
+    mask = None
     if valid is not None:
-        live = valid[:, :, None].expand(b, hkv, index.shape[2], s).gather(3, index)
-        scores = scores.masked_fill(~live[:, :, :, None, :], float("-inf"))
-    out = torch.matmul(scores.softmax(-1), v_sel.float())  # [B, Hkv, G, 1, D]
-    return out.reshape(b, hq, 1, d).to(query.dtype)
+        mask = valid[batch, head, index]  # [B, Hsel, k+1]
+        mask[..., -1] = True
+        mask = mask[:, :, None, :]
+    q = query.reshape(b, hsel, hq // hsel, d)  # query heads grouped under the head that chose their slots
+    out = torch.nn.functional.scaled_dot_product_attention(q, k_sel, v_sel, attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, 1, d)
+
+
+def _row_index(x: torch.Tensor, batch: torch.Tensor, head: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    sb, sh, ss, _ = x.stride() if x.stride(-1) == 1 and x.stride(2) == d else x.contiguous().stride()
+    return (batch * (sb // d) + head * (sh // d) + slot * (ss // d)).reshape(-1)

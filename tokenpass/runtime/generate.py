@@ -69,7 +69,7 @@ def generate_tokens(
     loop stops once all have, as HF does, so the output stays one rectangular tensor.
     """
     batch = input_ids.shape[0]
-    cache = model.new_cache(batch)
+    cache = model.new_cache(batch, capacity=input_ids.shape[1] + max_new_tokens)
     positions = positions_from_mask(attention_mask)
     tokens, new_ids, valid = input_ids, input_ids, attention_mask
     finished = torch.zeros(batch, dtype=torch.bool)

@@ -90,7 +90,9 @@ class KVCache:
             self.all_valid = False
         needed = self.layers[0].length + positions.shape[1]
         if needed > self.layers[0].capacity:
-            capacity = max(needed, 2 * self.layers[0].capacity)
+            # Grow by a quarter (amortised O(1) appends without doubling a large cache's memory); callers
+            # that know the final length reserve it up front instead.
+            capacity = max(needed, self.layers[0].capacity + max(_MIN_CAPACITY, self.layers[0].capacity // 4))
             self.layers = [_resized(layer, capacity) for layer in self.layers]
 
     def stage(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> LayerCache:

@@ -43,8 +43,9 @@ class OptimizedModel:
         self.reports = reports
         self.lowered = all("runtime_kv_cache" in g.properties for g in graphs.values())
 
-    def new_cache(self, batch: int) -> KVCache | GraphCache:
-        return new_cache(self.graphs["decode"], batch) if self.lowered else GraphCache(self.spec, batch)
+    def new_cache(self, batch: int, capacity: int = 64) -> KVCache | GraphCache:
+        """An empty cache for ``batch`` sequences; ``capacity`` reserves slots for the expected length."""
+        return new_cache(self.graphs["decode"], batch, capacity) if self.lowered else GraphCache(self.spec, batch)
 
     def step(
         self,
@@ -77,7 +78,8 @@ class OptimizedModel:
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        return self.step(self.new_cache(input_ids.shape[0]), input_ids, attention_mask, position_ids)
+        cache = self.new_cache(input_ids.shape[0], capacity=input_ids.shape[1])
+        return self.step(cache, input_ids, attention_mask, position_ids)
 
     def generate(
         self,
