@@ -128,3 +128,33 @@ def test_quality_on_real_text_within_bounds(smollm2):
     base, paper, exact = report["configs"]
     assert exact["top1_agreement"] == 1.0 and exact["kl"] < 1e-6
     assert paper["ppl_ratio"] < 1.5 and paper["top1_agreement"] > 0.6 and paper["kl"] > exact["kl"]
+
+
+def test_cache_correction_rewrites_sparse_tokens_with_dense_keys():
+    model = tokenpass.tiny("llama")
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(4))
+    dense = tokenpass.optimize(model)
+    sparse = tokenpass.optimize(model, passes=["tidaldecode:top_k=3:sparse_start=1:selection_layers=1:correction_interval=4"])
+    assert sparse.correction_interval == 4
+
+    def run(optimized, correct):
+        cache = optimized.new_cache(1, capacity=40)
+        positions = torch.arange(40)[None]
+        optimized.step(cache, ids[:, :32], torch.ones_like(ids[:, :32]), positions[:, :32])
+        for i in range(32, 40):
+            optimized.step(cache, ids[:, i : i + 1], torch.ones((1, 1), dtype=torch.long), positions[:, i : i + 1])
+        if correct:
+            optimized.reencode(cache, ids[:, 32:], positions[:, 32:])
+        return cache.layers[3].keys[:, :, 32:40], cache.layers[3].values[:, :, 32:40]
+
+    want_k, want_v = run(dense, False)
+    drift_k, _ = run(sparse, False)
+    got_k, got_v = run(sparse, True)
+    assert (drift_k - want_k).abs().max() > 1e-3  # sparse decoding drifted the upper layer's cache ...
+    torch.testing.assert_close(got_k, want_k, rtol=0, atol=1e-5)  # ... and correction restores it
+    torch.testing.assert_close(got_v, want_v, rtol=0, atol=1e-5)
+
+
+def test_correction_interval_is_validated():
+    with pytest.raises(PassError, match="correction_interval must be an integer >= 2"):
+        TidalDecode(correction_interval=1)

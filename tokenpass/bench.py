@@ -21,7 +21,7 @@ from torch import nn
 
 from tokenpass.api import optimize
 from tokenpass.errors import TokenpassError
-from tokenpass.runtime.generate import positions_from_mask
+from tokenpass.runtime.generate import Corrector, positions_from_mask
 from tokenpass.runtime.memory import PeakMemory
 from tokenpass.runtime.model import OptimizedModel
 from tokenpass.progress import steps
@@ -54,9 +54,12 @@ def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: t
         prefill_s = time.perf_counter() - start
         rows.append(logits[0, -1].float().log_softmax(-1))
         start = time.perf_counter()
+        corrector = Corrector(model, cache)
         for i in steps(range(len(continuation) - 1), f"{label}: decoding"):
             positions = positions[:, -1:] + 1
-            logits = model.step(cache, continuation[i].view(1, 1), valid, positions)
+            token = continuation[i].view(1, 1)
+            logits = model.step(cache, token, valid, positions)
+            corrector.decoded(token, positions)
             rows.append(logits[0, -1].float().log_softmax(-1))
         decode_s = time.perf_counter() - start
     return Run(torch.stack(rows), prefill_s, decode_s, len(continuation) - 1, cache.nbytes(), memory.peak_bytes)

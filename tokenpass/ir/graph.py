@@ -34,6 +34,8 @@ class TokenGraph:
         # Set by lowering passes whose graphs need the runtime to run (e.g. attention over its KV cache):
         # ``runner(graph, inputs)`` takes and returns what the captured step did.
         self.runner: Callable[[TokenGraph, tuple], tuple] | None = None
+        # Settings passes leave for the runtime (e.g. TidalDecode's cache-correction interval).
+        self.runtime_options: dict[str, object] = {}
 
     @property
     def graph(self) -> fx.Graph:

@@ -71,6 +71,11 @@ class AttentionSite:
     key_cache: CacheSlot
     value_cache: CacheSlot
 
+    @property
+    def label(self) -> str:
+        """How errors and pass reports name this site."""
+        return f"layer {self.layer} attention ({self.node})"
+
     def to_dict(self) -> dict:
         return asdict(self)
 

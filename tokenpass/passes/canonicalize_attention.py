@@ -32,24 +32,20 @@ NO_ATTENTION = (
 )
 
 
-def _site_label(site: AttentionSite) -> str:
-    return f"layer {site.layer} attention ({site.node})"
-
-
 def check_site(site: AttentionSite, node: fx.Node) -> Miss | None:
     """The first reason ``site`` cannot be canonicalised exactly, or ``None``."""
     args = list(node.args) + [None] * 8
     dropout = node.kwargs.get("dropout_p", args[4]) or 0.0
     if dropout:
-        return Miss(_site_label(site), "dropout_p == 0", f"dropout_p={dropout}; capture the model in eval mode")
+        return Miss(site.label, "dropout_p == 0", f"dropout_p={dropout}; capture the model in eval mode")
     if site.num_heads < 1 or site.num_kv_heads < 1 or site.head_dim < 1:
-        return Miss(_site_label(site), "shapes known", "query/key shapes are missing from the node metadata")
+        return Miss(site.label, "shapes known", "query/key shapes are missing from the node metadata")
     if site.num_heads % site.num_kv_heads:
         return Miss(
-            _site_label(site), "query heads divisible by KV heads", f"{site.num_heads} query vs {site.num_kv_heads} KV heads"
+            site.label, "query heads divisible by KV heads", f"{site.num_heads} query vs {site.num_kv_heads} KV heads"
         )
     if site.scale != site.scale:  # NaN: no scale and no head dim to derive it from
-        return Miss(_site_label(site), "scale known", "the attention scale could not be determined")
+        return Miss(site.label, "scale known", "the attention scale could not be determined")
     return None
 
 

@@ -28,10 +28,9 @@ from tokenpass.runtime.executor import run_with_explicit_past
 
 
 def _miss(site: AttentionSite) -> Miss | None:
-    label = f"layer {site.layer} attention ({site.node})"
     for name, slot in (("keys", site.key_cache), ("values", site.value_cache)):
         if slot.past is None or slot.present is None:
-            return Miss(label, f"{name} cache update found", f"{name} are not cat(past input, new) returned by the graph")
+            return Miss(site.label, f"{name} cache update found", f"{name} are not cat(past input, new) returned by the graph")
     return None
 
 
@@ -57,7 +56,7 @@ class LowerKVCache(Pass):
                 result.counts["already_lowered"] += 1
                 continue
             if node.target != attention_op:
-                result.misses.append(Miss(f"layer {site.layer} attention ({site.node})", "canonical attention",
+                result.misses.append(Miss(site.label, "canonical attention",
                                           f"op is {site.op}; run canonicalize_attention first"))
                 continue
             miss = _miss(site)

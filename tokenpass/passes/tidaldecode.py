@@ -19,6 +19,10 @@ After (sparse_start=2, selection_layers=[2, 12])::
     sel_12 = tokenpass.selection_attention(...); slots_12 = sel_12[1]
     out_13 = tokenpass.sparse_attention(q_13, k_13, v_13, slots_12, scale, 13)
 
+Cache correction (the paper's, absent from its released code): with ``correction_interval=n`` the
+runtime re-encodes every n sparsely decoded tokens with the dense prefill step, overwriting their
+keys/values, which bounds drift over long generations.
+
 The ``slots`` edges from selection to sparse layers are ordinary graph data edges (``tokenpass inspect
 --passes tidaldecode`` draws them). Prefill is untouched: the pass applies to the decode graph.
 """
@@ -60,6 +64,7 @@ class TidalDecode(Pass):
         selection_layers: Sequence[int] | None = None,
         per_kv_head: bool = False,
         sparse_selection_output: bool = False,
+        correction_interval: int | None = None,
     ):
         if not isinstance(top_k, int) or top_k < 1:
             raise PassError(f"tidaldecode: top_k must be a positive integer, got {top_k!r}")
@@ -76,6 +81,9 @@ class TidalDecode(Pass):
                     f"tidaldecode: selection layer {layers[0]} is below sparse_start={sparse_start}; "
                     "layers below sparse_start are dense"
                 )
+        if correction_interval is not None and (not isinstance(correction_interval, int) or correction_interval < 2):
+            raise PassError(f"tidaldecode: correction_interval must be an integer >= 2, got {correction_interval!r}")
+        self.correction_interval = correction_interval
         self.top_k = top_k
         self.sparse_start = sparse_start
         self.selection_layers = None if selection_layers is None else list(selection_layers)
@@ -85,7 +93,7 @@ class TidalDecode(Pass):
     def __repr__(self) -> str:
         return (f"TidalDecode(top_k={self.top_k}, sparse_start={self.sparse_start}, "
                 f"selection_layers={self.selection_layers}, per_kv_head={self.per_kv_head}, "
-                f"sparse_selection_output={self.sparse_selection_output})")
+                f"sparse_selection_output={self.sparse_selection_output}, correction_interval={self.correction_interval})")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The selection layers for a model of ``num_layers``; out-of-range choices are errors."""
@@ -115,7 +123,7 @@ class TidalDecode(Pass):
                 result.counts["dense_layers"] += 1
                 continue
             if node.target != cached_attention_op:
-                result.misses.append(Miss(f"layer {site.layer} attention ({site.node})", "attention on the runtime cache",
+                result.misses.append(Miss(site.label, "attention on the runtime cache",
                                           f"op is {site.op}; run lower_kv_cache first"))
                 return result
             args = (graph.node(site.query), graph.node(site.key), graph.node(site.value))
@@ -126,6 +134,8 @@ class TidalDecode(Pass):
                 new = replace_node(graph, node, sparse_attention_op, (*args, slots, site.scale, site.layer), self.name)
                 result.replaced[node.name] = new.name
                 result.counts["sparse_layers"] += 1
+        if self.correction_interval:
+            graph.runtime_options["correction_interval"] = self.correction_interval
         result.modified = True
         return result
 

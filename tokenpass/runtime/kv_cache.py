@@ -111,6 +111,14 @@ class KVCache:
             cache.length += t
         self.step_positions = self.step_valid = None
 
+    def rewind(self, tokens: int) -> None:
+        """Forget the last ``tokens`` committed slots of every layer (their next step overwrites them)."""
+        if not 0 <= tokens <= self.length:
+            raise TokenpassError(f"cannot rewind {tokens} tokens of a cache holding {self.length}")
+        for cache in self.layers:
+            cache.length -= tokens
+            cache.valid[:, :, cache.length : cache.length + tokens] = False
+
     # --- eviction and selection -------------------------------------------------------------------
     def keep(self, layer: int, slots: torch.Tensor, shrink: bool = True) -> None:
         """Keep only ``slots`` ``[B, H, n]`` (slot indices, per sequence and head) of ``layer``, compacted.

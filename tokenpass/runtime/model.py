@@ -68,6 +68,20 @@ class OptimizedModel:
             logits, cache.keys, cache.values = graph(input_ids, cache.mask, position_ids, cache.keys, cache.values)
         return logits
 
+    @property
+    def correction_interval(self) -> int | None:
+        """Decode steps between dense re-encodings of the sparsely decoded tokens (None: never)."""
+        return self.graphs["decode"].runtime_options.get("correction_interval")
+
+    def reencode(self, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Overwrite the cache entries of the last ``T`` tokens with those of a dense (prefill-graph) pass.
+
+        Sparse decode layers compute each new token's keys/values from an approximate context; running the
+        same tokens again through the dense prefill step bounds that drift (TidalDecode's cache correction).
+        """
+        cache.rewind(input_ids.shape[1])
+        run_step(self.graphs["prefill"], cache, input_ids, torch.ones_like(input_ids), position_ids, last_only=True)
+
     def __call__(
         self,
         input_ids: torch.Tensor,
