@@ -2,8 +2,8 @@
 
 Quality is teacher-forced so every prediction goes through the optimised runtime: prefill a context of
 C tokens of real text, then feed the M tokens that follow one decode step at a time. Each step's
-next-token distribution is compared with the baseline's (the captured model with no passes, which
-reproduces the original model exactly) on the same tokens: perplexity and its ratio, top-1 agreement
+next-token distribution is compared with the baseline's (the runtime with no method passes, which the
+tests hold to the original model's logits and greedy tokens) on the same tokens: perplexity and its ratio, top-1 agreement
 and mean KL(baseline || optimised). A greedy continuation's common prefix is reported as illustration
 only: single greedy continuations diverge at the first near-tie even for good methods.
 """

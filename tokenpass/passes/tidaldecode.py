@@ -43,10 +43,21 @@ from tokenpass.passes.rewrite import replace_node
 PAPER_RESELECT_FRACTION = 13 / 32
 
 
-def default_selection_layers(num_layers: int, sparse_start: int) -> list[int]:
+def paper_selection_layers(num_layers: int, sparse_start: int) -> list[int]:
     """The paper's two selection layers: ``sparse_start`` and one in the middle of the stack."""
     middle = max(sparse_start + 1, round(PAPER_RESELECT_FRACTION * num_layers))
     return [sparse_start] + ([middle] if middle < num_layers else [])
+
+
+def named_selection_layers(name: str, num_layers: int, sparse_start: int) -> list[int]:
+    """``paper``, ``all`` (every layer from ``sparse_start``) or ``everyN`` (every N-th layer from it)."""
+    if name == "paper":
+        return paper_selection_layers(num_layers, sparse_start)
+    if name == "all":
+        return list(range(sparse_start, num_layers))
+    if name.startswith("every") and name[5:].isdigit() and int(name[5:]) >= 1:
+        return list(range(sparse_start, num_layers, int(name[5:])))
+    raise PassError(f"tidaldecode: selection_layers {name!r} is not 'paper', 'all', 'everyN' or a list of layers")
 
 
 @register
@@ -59,20 +70,25 @@ class TidalDecode(Pass):
 
     def __init__(
         self,
-        top_k: int = 256,
+        top_k: int = 1024,
         sparse_start: int = 2,
-        selection_layers: Sequence[int] | None = None,
-        per_kv_head: bool = False,
-        sparse_selection_output: bool = False,
+        selection_layers: Sequence[int] | str = "every2",
+        per_kv_head: bool = True,
+        sparse_selection_output: bool = True,
         correction_interval: int | None = None,
     ):
+        """Defaults: the configuration tuned on SmolLM2 (docs/benchmarks.md): re-select at every second
+        layer, one selection per KV head (its query heads vote), selection layers reading values only at
+        their own selection. ``TidalDecode.paper()`` gives the paper's configuration."""
         if not isinstance(top_k, int) or top_k < 1:
             raise PassError(f"tidaldecode: top_k must be a positive integer, got {top_k!r}")
         if not isinstance(sparse_start, int) or sparse_start < 0:
             raise PassError(f"tidaldecode: sparse_start must be a non-negative integer, got {sparse_start!r}")
         if isinstance(selection_layers, int):
             selection_layers = [selection_layers]
-        if selection_layers is not None:
+        if isinstance(selection_layers, str):
+            named_selection_layers(selection_layers, 1 << 20, sparse_start)  # validate the name now
+        elif selection_layers is not None:
             layers = list(selection_layers)
             if not layers or any(b <= a for a, b in zip(layers, layers[1:])):
                 raise PassError(f"tidaldecode: selection_layers must be a non-empty increasing list, got {layers}")
@@ -86,9 +102,15 @@ class TidalDecode(Pass):
         self.correction_interval = correction_interval
         self.top_k = top_k
         self.sparse_start = sparse_start
-        self.selection_layers = None if selection_layers is None else list(selection_layers)
+        self.selection_layers = selection_layers if isinstance(selection_layers, str) else list(selection_layers)
         self.per_kv_head = per_kv_head
         self.sparse_selection_output = sparse_selection_output
+
+    @classmethod
+    def paper(cls, top_k: int = 256, **options) -> "TidalDecode":
+        """The paper's configuration: selection at ``sparse_start`` and mid-stack, per query head, dense
+        selection layers."""
+        return cls(top_k=top_k, selection_layers="paper", per_kv_head=False, sparse_selection_output=False, **options)
 
     def __repr__(self) -> str:
         return (f"TidalDecode(top_k={self.top_k}, sparse_start={self.sparse_start}, "
@@ -99,7 +121,9 @@ class TidalDecode(Pass):
         """The selection layers for a model of ``num_layers``; out-of-range choices are errors."""
         if self.sparse_start >= num_layers:
             raise PassError(f"tidaldecode: sparse_start={self.sparse_start} but the model has {num_layers} layers")
-        layers = self.selection_layers or default_selection_layers(num_layers, self.sparse_start)
+        layers = self.selection_layers
+        if isinstance(layers, str):
+            layers = named_selection_layers(layers, num_layers, self.sparse_start)
         bad = [layer for layer in layers if layer >= num_layers]
         if bad:
             raise PassError(f"tidaldecode: selection layer {bad[0]} is out of range (the model has {num_layers} layers)")
