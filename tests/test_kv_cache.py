@@ -60,3 +60,29 @@ def test_bad_budgets_are_clear_errors(budget, message):
     with pytest.raises(TokenpassError, match=message):
         check_budget(budget, max_positions=8192)
     assert check_budget(512, 8192) == 512
+
+
+def test_budget_keeps_a_recent_window_and_bounds_memory():
+    cache = KVCache(num_layers=2, batch=1, num_kv_heads=1, head_dim=2, capacity=8, budget=5, max_positions=100)
+    for i in range(9):
+        k = torch.full((1, 1, 1, 2), float(i))
+        _step(cache, [(k, k), (k, k)], torch.tensor([[i]]), torch.ones(1, 1))
+        cache.enforce_budget()
+    assert cache.length == 5
+    assert cache.layers[1].positions[0, 0, :5].tolist() == [4, 5, 6, 7, 8]
+    assert cache.layers[0].keys[0, 0, :5, 0].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
+
+
+def test_generate_with_a_budget_matches_a_recent_window_and_rejects_bad_budgets():
+    import tokenpass
+
+    model = tokenpass.tiny("llama")
+    optimized = tokenpass.optimize(model)
+    ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    full = optimized.generate(ids, max_new_tokens=5)
+    assert torch.equal(optimized.generate(ids, max_new_tokens=5, kv_budget=64), full)  # budget above length: exact
+    windowed = optimized.generate(ids, max_new_tokens=5, kv_budget=4)
+    assert windowed.shape == full.shape
+    for budget, message in [(0, "positive"), (-1, "positive"), (10_000, "exceeds the model's context")]:
+        with pytest.raises(TokenpassError, match=message):
+            optimized.generate(ids, max_new_tokens=2, kv_budget=budget)

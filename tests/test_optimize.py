@@ -66,3 +66,21 @@ def test_reports_are_kept_per_phase():
     optimized = tokenpass.optimize(tokenpass.tiny("mistral"), passes=["canonicalize_attention"])
     assert set(optimized.reports) == {"prefill", "decode"}
     assert all(r[0].counts["sdpa_to_tokenpass_attention"] == 4 for r in optimized.reports.values())
+
+
+@pytest.mark.smollm2
+def test_smollm2_generate_matches_hf_on_long_and_ragged_prompts(smollm2, smollm2_optimized):
+    from tokenpass.models import load_tokenizer
+    from tokenpass.texts import read_text, token_ids
+
+    text = torch.tensor(token_ids(load_tokenizer("smollm2"), read_text(), 2048))
+    single = text[None, :2048]
+    ones = torch.ones_like(single)
+    assert torch.equal(smollm2_optimized.generate(single, ones, max_new_tokens=16), hf_greedy(smollm2, single, ones, 16))
+    lengths = (16, 300, 1024)  # batch of 3, left-padded to the longest
+    ids = torch.full((3, max(lengths)), 2, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = text[row * 512 : row * 512 + n]
+        mask[row, -n:] = 1
+    assert torch.equal(smollm2_optimized.generate(ids, mask, max_new_tokens=16), hf_greedy(smollm2, ids, mask, 16))

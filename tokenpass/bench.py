@@ -24,7 +24,7 @@ from tokenpass.errors import TokenpassError
 from tokenpass.runtime.generate import Corrector, positions_from_mask
 from tokenpass.runtime.memory import PeakMemory
 from tokenpass.runtime.model import OptimizedModel
-from tokenpass.progress import steps
+from tokenpass.progress import status, steps
 
 BASELINE = "baseline"
 
@@ -49,9 +49,10 @@ def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: t
     rows = []
     with PeakMemory() as memory, torch.no_grad():
         cache = model.new_cache(1, capacity=context.shape[1] + len(continuation))
-        start = time.perf_counter()
-        logits = model.step(cache, context, torch.ones_like(context), positions, last_only=True)
-        prefill_s = time.perf_counter() - start
+        with status(f"{label}: prefill of {context.shape[1]} tokens"):
+            start = time.perf_counter()
+            logits = model.step(cache, context, torch.ones_like(context), positions, last_only=True)
+            prefill_s = time.perf_counter() - start
         rows.append(logits[0, -1].float().log_softmax(-1))
         start = time.perf_counter()
         corrector = Corrector(model, cache)

@@ -10,9 +10,10 @@ from tokenpass.runtime.context import using_cache
 from tokenpass.runtime.kv_cache import KVCache
 
 
-def new_cache(graph: TokenGraph, batch: int, capacity: int = 64) -> KVCache:
+def new_cache(graph: TokenGraph, batch: int, capacity: int = 64, budget: int | None = None) -> KVCache:
     spec = graph.spec
-    return KVCache(spec.num_layers, batch, spec.num_kv_heads, spec.head_dim, spec.dtype, capacity=capacity)
+    return KVCache(spec.num_layers, batch, spec.num_kv_heads, spec.head_dim, spec.dtype, capacity=capacity,
+                   budget=budget, max_positions=spec.max_positions)
 
 
 def run_step(
@@ -36,6 +37,7 @@ def run_step(
     with using_cache(cache), torch.no_grad():
         outputs = graph.module()(input_ids, second, position_ids, empty, empty)
     cache.commit()
+    cache.enforce_budget()
     return outputs[0]
 
 

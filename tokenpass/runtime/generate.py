@@ -55,6 +55,7 @@ class Sampling:
 
 def generate_tokens(
     model,
+    cache,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
@@ -69,7 +70,6 @@ def generate_tokens(
     loop stops once all have, as HF does, so the output stays one rectangular tensor.
     """
     batch = input_ids.shape[0]
-    cache = model.new_cache(batch, capacity=input_ids.shape[1] + max_new_tokens)
     positions = positions_from_mask(attention_mask)
     tokens, new_ids, valid = input_ids, input_ids, attention_mask
     finished = torch.zeros(batch, dtype=torch.bool)

@@ -73,7 +73,12 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         capacity: int = _MIN_CAPACITY,
+        budget: int | None = None,
+        max_positions: int | None = None,
     ):
+        self.budget = None if budget is None else check_budget(budget, max_positions)
+        if self.budget is not None:
+            capacity = min(capacity, self.budget + _MIN_CAPACITY)
         self.layers = [
             _empty_layer(batch, num_kv_heads, capacity, head_dim, dtype, device) for _ in range(num_layers)
         ]
@@ -138,6 +143,19 @@ class KVCache:
         new.length = n
         self.layers[layer] = new
         self.all_valid = False
+
+    def enforce_budget(self) -> int:
+        """Evict down to ``budget`` slots per sequence and head, keeping the most recent; returns how many
+        slots each layer dropped. Eviction passes that score tokens call ``keep`` with their own choice
+        before this runs; this is the fallback policy (a recent window)."""
+        if self.budget is None or self.length <= self.budget:
+            return 0
+        dropped = self.length - self.budget
+        b, h = self.layers[0].keys.shape[:2]
+        recent = torch.arange(dropped, self.length, device=self.layers[0].keys.device).expand(b, h, self.budget)
+        for layer in range(len(self.layers)):
+            self.keep(layer, recent)
+        return dropped
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values and validity of ``slots`` ``[B, H, k]`` of ``layer`` (the cache is unchanged)."""

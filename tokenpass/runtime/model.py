@@ -43,9 +43,14 @@ class OptimizedModel:
         self.reports = reports
         self.lowered = all("runtime_kv_cache" in g.properties for g in graphs.values())
 
-    def new_cache(self, batch: int, capacity: int = 64) -> KVCache | GraphCache:
-        """An empty cache for ``batch`` sequences; ``capacity`` reserves slots for the expected length."""
-        return new_cache(self.graphs["decode"], batch, capacity) if self.lowered else GraphCache(self.spec, batch)
+    def new_cache(self, batch: int, capacity: int = 64, budget: int | None = None) -> KVCache | GraphCache:
+        """An empty cache for ``batch`` sequences; ``capacity`` reserves slots for the expected length;
+        ``budget`` caps the slots kept per sequence and head (older tokens are evicted)."""
+        if not self.lowered:
+            if budget is not None:
+                raise TokenpassError("a KV budget needs the runtime cache: optimize(..., lower=True)")
+            return GraphCache(self.spec, batch)
+        return new_cache(self.graphs["decode"], batch, capacity, budget)
 
     def step(
         self,
@@ -108,11 +113,13 @@ class OptimizedModel:
         pad_token_id: int | None = None,
         seed: int | None = None,
         streamer: Callable[[torch.Tensor], None] | None = None,
+        kv_budget: int | None = None,
     ) -> torch.Tensor:
         """Prompt and new tokens ``[B, T + n]``, with the semantics of HF ``generate`` for these arguments.
 
         ``streamer`` is called with each step's new tokens ``[B]`` as soon as they exist; ``seed`` makes
-        sampling reproducible.
+        sampling reproducible. ``kv_budget`` keeps at most that many cache slots per sequence and head
+        (a recent window unless an eviction pass chooses), so memory stays bounded.
         """
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         if max_new_tokens < 0:
@@ -124,8 +131,9 @@ class OptimizedModel:
                 f"{limit} positions"
             )
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, kv_budget)
         return generate_tokens(
-            self, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, streamer
+            self, cache, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, streamer
         )
 
     def _check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
