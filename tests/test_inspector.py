@@ -5,7 +5,6 @@ import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-import tokenpass
 from tokenpass.cli import app, main
 
 runner = CliRunner()

@@ -118,3 +118,9 @@ def test_bad_generation_arguments(llama, kwargs, message):
     _, optimized = llama
     with pytest.raises(TokenpassError, match=message):
         optimized.generate(torch.ones((1, 3), dtype=torch.long), **kwargs)
+
+
+def test_canonicalize_after_lowering_is_a_no_op():
+    graph = _graph(passes=("canonicalize_attention", "lower_kv_cache"))
+    (result,) = PassManager(["canonicalize_attention"]).run(graph)
+    assert not result.modified and result.counts["already_canonical"] == 4

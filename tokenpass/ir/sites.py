@@ -39,7 +39,15 @@ LOSS_TARGETS = {
     aten.nll_loss_nd.default,
     aten.nll_loss.default,
 }
-_LAYOUT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor}
+# Ops between the final norm and the LM head (or the head and the logits output) that only reshape or
+# pick rows (``index_select`` is what select_logit_rows inserts).
+_LAYOUT_OPS = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.slice.Tensor,
+    aten.index_select.default,
+}
 _WRAPPER_PREFIX = "model."  # CausalLMStep holds the user's model as ``self.model``
 _INT_SEGMENT = re.compile(r"^\d+$")
 
