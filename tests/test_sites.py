@@ -16,6 +16,9 @@ def test_every_family_exposes_layers_attention_cache_and_head(family):
         assert site.key_cache.present and site.value_cache.present
         assert site.head_dim == 16 and site.scale == pytest.approx(0.25)
     assert sites.lm_head is not None and sites.lm_head.norm_kind in ("rms_norm", "layer_norm")
+    flow = graph.to_networkx()
+    assert flow.number_of_nodes() == len(graph.graph.nodes)
+    assert all(flow.has_edge(site.query, site.node) for site in sites.attention)
 
 
 def test_gqa_heads_are_read_through_the_head_repeat():

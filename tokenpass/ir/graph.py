@@ -18,6 +18,7 @@ import tokenpass.ir.ops  # noqa: F401 - registers tokenpass:: ops so saved progr
 from tokenpass.errors import CaptureError
 from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.sites import GraphSites, find_sites, op_histogram
+from tokenpass.ir.visualize import dataflow
 
 
 class TokenGraph:
@@ -83,6 +84,10 @@ class TokenGraph:
         if self.runner is not None:
             return self.runner(self, inputs)
         return self(*inputs)
+
+    def to_networkx(self):
+        """The dataflow as a ``networkx.DiGraph`` (one node per fx node, an edge per use) for analysis."""
+        return dataflow(self.graph)
 
     def op_histogram(self) -> Counter:
         return op_histogram(self.graph)

@@ -49,15 +49,21 @@ def paper_selection_layers(num_layers: int, sparse_start: int) -> list[int]:
     return [sparse_start] + ([middle] if middle < num_layers else [])
 
 
+def check_set_name(name: str) -> None:
+    """Refuse a selection-set name other than ``paper``, ``all`` or ``everyN`` (N >= 1)."""
+    if name in ("paper", "all") or (name.startswith("every") and name[5:].isdigit() and int(name[5:]) >= 1):
+        return
+    raise PassError(f"tidaldecode: selection_layers {name!r} is not 'paper', 'all', 'everyN' or a list of layers")
+
+
 def named_selection_layers(name: str, num_layers: int, sparse_start: int) -> list[int]:
     """``paper``, ``all`` (every layer from ``sparse_start``) or ``everyN`` (every N-th layer from it)."""
+    check_set_name(name)
     if name == "paper":
         return paper_selection_layers(num_layers, sparse_start)
     if name == "all":
         return list(range(sparse_start, num_layers))
-    if name.startswith("every") and name[5:].isdigit() and int(name[5:]) >= 1:
-        return list(range(sparse_start, num_layers, int(name[5:])))
-    raise PassError(f"tidaldecode: selection_layers {name!r} is not 'paper', 'all', 'everyN' or a list of layers")
+    return list(range(sparse_start, num_layers, int(name[5:])))
 
 
 @register
@@ -87,7 +93,7 @@ class TidalDecode(Pass):
         if isinstance(selection_layers, int):
             selection_layers = [selection_layers]
         if isinstance(selection_layers, str):
-            named_selection_layers(selection_layers, 1 << 20, sparse_start)  # validate the name now
+            check_set_name(selection_layers)
         elif selection_layers is not None:
             layers = list(selection_layers)
             if not layers or any(b <= a for a, b in zip(layers, layers[1:])):

@@ -22,10 +22,6 @@ class GraphCache:
         self.keys, self.values = spec.empty_cache(batch)
         self.mask = torch.zeros((batch, 0), dtype=torch.long)
 
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
