@@ -86,3 +86,19 @@ def test_generate_with_a_budget_matches_a_recent_window_and_rejects_bad_budgets(
     for budget, message in [(0, "positive"), (-1, "positive"), (10_000, "exceeds the model's context")]:
         with pytest.raises(TokenpassError, match=message):
             optimized.generate(ids, max_new_tokens=2, kv_budget=budget)
+
+
+def test_score_keys_follow_staged_keys_and_are_rebuilt_after_compaction():
+    cache = KVCache(num_layers=1, batch=1, num_kv_heads=2, head_dim=4, capacity=8)
+    keys = torch.randn(1, 2, 6, 4)
+    _step(cache, [(keys, keys)], torch.arange(6)[None], torch.ones(1, 6))
+    before = cache.nbytes()
+    mirror = cache.score_keys(0, torch.bfloat16)
+    assert mirror.dtype == torch.bfloat16 and cache.nbytes() == before + mirror.numel() * 2  # reported honestly
+    new = torch.randn(1, 2, 1, 4)
+    _step(cache, [(new, new)], torch.tensor([[6]]), torch.ones(1, 1))  # stage writes the copy too
+    assert torch.equal(cache.score_keys(0, torch.bfloat16)[:, :, :7], cache.layers[0].keys[:, :, :7].bfloat16())
+    cache.keep(0, torch.tensor([[[1, 6], [0, 3]]]))
+    assert cache.layers[0].score_keys is None  # dropped with the old buffers ...
+    rebuilt = cache.score_keys(0, torch.bfloat16)  # ... and rebuilt from the compacted keys
+    assert torch.equal(rebuilt[0, 0, :2], torch.cat([keys[0, 0, 1:2], new[0, 0]]).bfloat16())

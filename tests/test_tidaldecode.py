@@ -30,9 +30,10 @@ def test_top_k_covering_the_context_reproduces_dense_greedy(family):
 class _MaskedTidalReference:
     """The method written plainly as HF attention: dense scores, non-selected positions masked out."""
 
-    def __init__(self, top_k: int, sparse_start: int, selection: list[int], per_kv_head: bool, sparse_output: bool):
+    def __init__(self, top_k: int, sparse_start: int, selection: list[int], per_kv_head: bool, sparse_output: bool,
+                 score_dtype: torch.dtype | None):
         self.top_k, self.sparse_start, self.selection, self.chosen = top_k, sparse_start, selection, None
-        self.per_kv_head, self.sparse_output = per_kv_head, sparse_output
+        self.per_kv_head, self.sparse_output, self.score_dtype = per_kv_head, sparse_output, score_dtype
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = module.layer_idx
@@ -42,7 +43,8 @@ class _MaskedTidalReference:
         k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
         scores = (query @ k.transpose(-1, -2)) * scaling  # [B, H, 1, S]; the last position is this token
         if layer in self.selection:
-            past = scores[..., :-1]
+            past = self._ranking(query, key, scaling) if self.score_dtype else scores
+            past = past[..., :-1]
             k = min(self.top_k, past.shape[-1])
             if self.per_kv_head:  # the group's query heads vote with their attention probabilities
                 votes = past.softmax(-1).unflatten(1, (key.shape[1], group)).sum(2)
@@ -55,18 +57,28 @@ class _MaskedTidalReference:
             scores = scores.masked_fill(~keep, float("-inf"))
         return (scores.softmax(-1) @ v).transpose(1, 2).contiguous(), None
 
+    def _ranking(self, query, key, scaling):
+        """Scores from keys and queries rounded to ``score_dtype`` (a GEMM in that dtype, as the op's)."""
+        b, hkv = key.shape[:2]
+        q = query.reshape(b, hkv, -1, query.shape[-1]).to(self.score_dtype)
+        scores = (key.to(self.score_dtype) @ q.transpose(-1, -2)).transpose(-1, -2).float() * scaling
+        return scores.reshape(b, query.shape[1], 1, -1)
 
-@pytest.mark.parametrize("per_kv_head,sparse_output", [(False, False), (True, True)], ids=["paper", "default"])
-def test_logits_equal_a_masked_attention_reference_step_by_step(per_kv_head, sparse_output):
+
+@pytest.mark.parametrize("per_kv_head,sparse_output,score_dtype", [
+    (False, False, None), (True, True, None), (True, True, torch.bfloat16),
+], ids=["paper", "default-fp32-ranking", "default"])
+def test_logits_equal_a_masked_attention_reference_step_by_step(per_kv_head, sparse_output, score_dtype):
     model = tokenpass.tiny("qwen2")
     context, steps = 48, 12
     ids = torch.randint(3, 300, (1, context + steps), generator=torch.Generator().manual_seed(3))
     spec = (f"tidaldecode:top_k=5:sparse_start=1:selection_layers=1/3:per_kv_head={per_kv_head}"
-            f":sparse_selection_output={sparse_output}")
+            f":sparse_selection_output={sparse_output}:score_dtype={str(score_dtype).replace('torch.', '').lower()}")
     optimized = tokenpass.optimize(model, passes=[spec])
     got = teacher_forced(optimized, ids[:, :context], ids[0, context:], "tidal").logprobs
 
-    AttentionInterface.register("tidal_reference", _MaskedTidalReference(5, 1, [1, 3], per_kv_head, sparse_output))
+    AttentionInterface.register("tidal_reference", _MaskedTidalReference(5, 1, [1, 3], per_kv_head, sparse_output,
+                                                                            score_dtype))
     model.set_attn_implementation("tidal_reference")
     try:
         cache, want = DynamicCache(), []

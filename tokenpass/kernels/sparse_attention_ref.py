@@ -21,6 +21,19 @@ def decode_scores(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor |
     return scores
 
 
+def ranking_scores(query: torch.Tensor, score_keys: torch.Tensor, valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Like ``decode_scores`` from a low-precision key copy, computed in its dtype (fp32 accumulation in the
+    GEMM, rounded on output): they only rank slots. ``keys @ q`` rather than ``q @ keys^T`` keeps the
+    GEMM on the contiguous key rows, three times faster for bf16 on CPU."""
+    b, hq, _, d = query.shape
+    hkv = score_keys.shape[1]
+    q = query.reshape(b, hkv, hq // hkv, d).to(score_keys.dtype)
+    scores = torch.matmul(score_keys, q.transpose(-1, -2)).transpose(-1, -2).float() * scale
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    return scores
+
+
 def attend_with_scores(scores: torch.Tensor, values: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Softmax over the last axis of ``[B, Hkv, G, S]`` scores, times ``[B, Hkv, S, D]`` values -> ``[B, Hq, 1, D]``."""
     probs = scores.softmax(-1)
@@ -47,12 +60,16 @@ def top_slots(scores: torch.Tensor, top_k: int, per_kv_head: bool) -> torch.Tens
 
 def selection_attention_reference(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scale: float,
-    top_k: int, per_kv_head: bool, sparse_output: bool,
+    top_k: int, per_kv_head: bool, sparse_output: bool, score_keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention output (or, with ``sparse_output``, attention over its own selection) and top slots.
 
     One pass over the keys yields both the scores for selection and, for the dense output, the weights.
+    With ``sparse_output`` the ranking may read ``score_keys`` (a low-precision copy of ``keys``) instead.
     """
+    if sparse_output and score_keys is not None:
+        slots = top_slots(ranking_scores(query, score_keys, valid, scale), top_k, per_kv_head)
+        return sparse_attention_reference(query, keys, values, valid, slots, scale), slots
     scores = decode_scores(query, keys, valid, scale)
     slots = top_slots(scores, top_k, per_kv_head)
     if sparse_output:

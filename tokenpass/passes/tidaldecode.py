@@ -19,6 +19,11 @@ After (sparse_start=2, selection_layers=[2, 12])::
     sel_12 = tokenpass.selection_attention(...); slots_12 = sel_12[1]
     out_13 = tokenpass.sparse_attention(q_13, k_13, v_13, slots_12, scale, 13)
 
+Scoring precision (``score_dtype``, sparse-output selection layers only): a selection layer that attends
+over its own choice reads all keys just to rank them, so it may rank with a bf16 copy of the keys that the
+runtime cache keeps in step (half the bytes from an fp32 cache; the Double-Sparsity "label cache" idea).
+Ranking tolerates the rounding; attention itself still reads the cache's own keys and values.
+
 Cache correction (the paper's, absent from its released code): with ``correction_interval=n`` the
 runtime re-encodes every n sparsely decoded tokens with the dense prefill step, overwriting their
 keys/values, which bounds drift over long generations.
@@ -32,6 +37,8 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
+import torch
+
 from tokenpass.errors import PassError
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.ir.ops import cached_attention_op, selection_attention_op, sparse_attention_op
@@ -41,6 +48,18 @@ from tokenpass.passes.rewrite import replace_node
 
 # The paper's scripts re-select at layer 13 of Llama-3-8B's 32 layers.
 PAPER_RESELECT_FRACTION = 13 / 32
+
+
+SCORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def score_dtype_option(value: str | None) -> torch.dtype | None:
+    """``bfloat16``/``float16``/``float32`` or ``None``/``"none"`` (rank with the cache's own keys)."""
+    if value is None or value == "none":
+        return None
+    if value not in SCORE_DTYPES:
+        raise PassError(f"tidaldecode: score_dtype {value!r} is not one of {', '.join(SCORE_DTYPES)} or none")
+    return SCORE_DTYPES[value]
 
 
 def paper_selection_layers(num_layers: int, sparse_start: int) -> list[int]:
@@ -82,10 +101,13 @@ class TidalDecode(Pass):
         per_kv_head: bool = True,
         sparse_selection_output: bool = True,
         correction_interval: int | None = None,
+        score_dtype: str | None = "bfloat16",
     ):
         """Defaults: the configuration tuned on SmolLM2 (docs/benchmarks.md): re-select at every second
         layer, one selection per KV head (its query heads vote), selection layers reading values only at
-        their own selection. ``TidalDecode.paper()`` gives the paper's configuration."""
+        their own selection and ranking with bf16 keys. ``TidalDecode.paper()`` gives the paper's
+        configuration. ``score_dtype`` has no effect on dense selection layers (``sparse_selection_output=
+        False``): their attention pass yields the scores."""
         if not isinstance(top_k, int) or top_k < 1:
             raise PassError(f"tidaldecode: top_k must be a positive integer, got {top_k!r}")
         if not isinstance(sparse_start, int) or sparse_start < 0:
@@ -106,6 +128,7 @@ class TidalDecode(Pass):
         if correction_interval is not None and (not isinstance(correction_interval, int) or correction_interval < 2):
             raise PassError(f"tidaldecode: correction_interval must be an integer >= 2, got {correction_interval!r}")
         self.correction_interval = correction_interval
+        self.score_dtype = score_dtype_option(score_dtype)
         self.top_k = top_k
         self.sparse_start = sparse_start
         self.selection_layers = selection_layers if isinstance(selection_layers, str) else list(selection_layers)
@@ -116,12 +139,14 @@ class TidalDecode(Pass):
     def paper(cls, top_k: int = 256, **options) -> "TidalDecode":
         """The paper's configuration: selection at ``sparse_start`` and mid-stack, per query head, dense
         selection layers."""
-        return cls(top_k=top_k, selection_layers="paper", per_kv_head=False, sparse_selection_output=False, **options)
+        return cls(top_k=top_k, selection_layers="paper", per_kv_head=False, sparse_selection_output=False,
+                   score_dtype=None, **options)
 
     def __repr__(self) -> str:
         return (f"TidalDecode(top_k={self.top_k}, sparse_start={self.sparse_start}, "
                 f"selection_layers={self.selection_layers}, per_kv_head={self.per_kv_head}, "
-                f"sparse_selection_output={self.sparse_selection_output}, correction_interval={self.correction_interval})")
+                f"sparse_selection_output={self.sparse_selection_output}, correction_interval={self.correction_interval}, "
+                f"score_dtype={str(self.score_dtype).replace('torch.', '')})")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The selection layers for a model of ``num_layers``; out-of-range choices are errors."""
@@ -174,7 +199,8 @@ class TidalDecode(Pass):
         with graph.graph.inserting_before(node):
             select = graph.graph.call_function(
                 selection_attention_op,
-                (*args, scale, layer, self.top_k, self.per_kv_head, self.sparse_selection_output),
+                (*args, scale, layer, self.top_k, self.per_kv_head, self.sparse_selection_output,
+                 self.score_dtype if self.sparse_selection_output else None),
             )
             out = graph.graph.call_function(operator.getitem, (select, 0))
             slots = graph.graph.call_function(operator.getitem, (select, 1))

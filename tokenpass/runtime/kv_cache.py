@@ -9,7 +9,9 @@ memory shrinks) while keys keep their original rotary positions.
 Layout per layer: ``keys``/``values`` ``[B, H_kv, capacity, D]``, ``positions`` ``[B, H_kv, capacity]``
 (int64, -1 when empty) and ``valid`` ``[B, H_kv, capacity]`` (bool: False for left padding, evicted
 slots and unused capacity). All heads of a layer share one slot count ``length``; a head that keeps
-fewer tokens marks the rest invalid.
+fewer tokens marks the rest invalid. A layer may also hold ``score_keys``: a low-precision copy of its
+keys that selection ops rank with (half the bytes of an fp32 scoring pass), created on first request and
+written by every ``stage``; compaction and growth drop it and the next request rebuilds it.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ class LayerCache:
     positions: torch.Tensor
     valid: torch.Tensor
     length: int = 0  # committed slots
+    score_keys: torch.Tensor | None = None  # low-precision copy of ``keys`` for ranking, same layout
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.valid))
+        buffers = (self.keys, self.values, self.positions, self.valid, self.score_keys)
+        return sum(t.numel() * t.element_size() for t in buffers if t is not None)
 
 
 def _empty_layer(batch: int, heads: int, capacity: int, head_dim: int, dtype, device) -> LayerCache:
@@ -108,7 +112,17 @@ class KVCache:
         cache.values[:, :, start : start + t] = values
         cache.positions[:, :, start : start + t] = self.step_positions[:, None, :]
         cache.valid[:, :, start : start + t] = self.step_valid[:, None, :]
+        if cache.score_keys is not None:
+            cache.score_keys[:, :, start : start + t] = keys
         return cache
+
+    def score_keys(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """``layer``'s keys in ``dtype`` (full capacity; slots staged so far included), kept in step by
+        ``stage``. Built from the keys on first request, so its cost is one conversion per layer."""
+        cache = self.layers[layer]
+        if cache.score_keys is None or cache.score_keys.dtype != dtype:
+            cache.score_keys = cache.keys.to(dtype)
+        return cache.score_keys
 
     def commit(self) -> None:
         t = self.step_positions.shape[1]
