@@ -97,8 +97,9 @@ def test_score_keys_follow_staged_keys_and_are_rebuilt_after_compaction():
     assert mirror.dtype == torch.bfloat16 and cache.nbytes() == before + mirror.numel() * 2  # reported honestly
     new = torch.randn(1, 2, 1, 4)
     _step(cache, [(new, new)], torch.tensor([[6]]), torch.ones(1, 1))  # stage writes the copy too
-    assert torch.equal(cache.score_keys(0, torch.bfloat16)[:, :, :7], cache.layers[0].keys[:, :, :7].bfloat16())
+    mirror = cache.score_keys(0, torch.bfloat16)  # channel-major
+    assert torch.equal(mirror[..., :7], cache.layers[0].keys[:, :, :7].transpose(-1, -2).bfloat16())
     cache.keep(0, torch.tensor([[[1, 6], [0, 3]]]))
     assert cache.layers[0].score_keys is None  # dropped with the old buffers ...
     rebuilt = cache.score_keys(0, torch.bfloat16)  # ... and rebuilt from the compacted keys
-    assert torch.equal(rebuilt[0, 0, :2], torch.cat([keys[0, 0, 1:2], new[0, 0]]).bfloat16())
+    assert torch.equal(rebuilt[0, 0, :, :2], torch.cat([keys[0, 0, 1:2], new[0, 0]]).T.bfloat16())

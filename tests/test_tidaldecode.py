@@ -31,9 +31,10 @@ class _MaskedTidalReference:
     """The method written plainly as HF attention: dense scores, non-selected positions masked out."""
 
     def __init__(self, top_k: int, sparse_start: int, selection: list[int], per_kv_head: bool, sparse_output: bool,
-                 score_dtype: torch.dtype | None):
+                 score_dtype: torch.dtype | None, score_channels: int):
         self.top_k, self.sparse_start, self.selection, self.chosen = top_k, sparse_start, selection, None
-        self.per_kv_head, self.sparse_output, self.score_dtype = per_kv_head, sparse_output, score_dtype
+        self.per_kv_head, self.sparse_output = per_kv_head, sparse_output
+        self.score_dtype, self.score_channels = score_dtype, score_channels
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = module.layer_idx
@@ -58,27 +59,41 @@ class _MaskedTidalReference:
         return (scores.softmax(-1) @ v).transpose(1, 2).contiguous(), None
 
     def _ranking(self, query, key, scaling):
-        """Scores from keys and queries rounded to ``score_dtype`` (a GEMM in that dtype, as the op's)."""
-        b, hkv = key.shape[:2]
-        q = query.reshape(b, hkv, -1, query.shape[-1]).to(self.score_dtype)
-        scores = (key.to(self.score_dtype) @ q.transpose(-1, -2)).transpose(-1, -2).float() * scaling
-        return scores.reshape(b, query.shape[1], 1, -1)
+        """Scores for ranking: the ``score_channels`` channels where the group's queries are largest, with
+        queries and keys rounded to ``score_dtype`` (a GEMM in that dtype, as the op's)."""
+        b, hkv, s, d = key.shape
+        q = query.reshape(b, hkv, -1, d).to(self.score_dtype)
+        keys = key.transpose(-1, -2).to(self.score_dtype).contiguous()  # [B, Hkv, D, S]
+        if self.score_channels:
+            picked = q.abs().float().sum(2).topk(self.score_channels, -1).indices  # [B, Hkv, r]
+            q = q.gather(-1, picked[:, :, None].expand(-1, -1, q.shape[2], -1))
+            keys = keys.gather(2, picked[..., None].expand(-1, -1, -1, s))
+        return ((q @ keys).float() * scaling).reshape(b, query.shape[1], 1, s)
 
 
-@pytest.mark.parametrize("per_kv_head,sparse_output,score_dtype", [
-    (False, False, None), (True, True, None), (True, True, torch.bfloat16),
-], ids=["paper", "default-fp32-ranking", "default"])
-def test_logits_equal_a_masked_attention_reference_step_by_step(per_kv_head, sparse_output, score_dtype):
+def channels_of(fraction: float, model) -> int:
+    """Channels a ranking reads for ``fraction`` of the head dimension (0: all of them)."""
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    return 0 if fraction == 1.0 else round(fraction * head_dim)
+
+
+@pytest.mark.parametrize("per_kv_head,sparse_output,score_dtype,score_fraction", [
+    (False, False, None, 1.0), (True, True, None, 1.0), (True, True, torch.bfloat16, 1.0),
+    (True, True, torch.bfloat16, 0.25),
+], ids=["paper", "default-exact-ranking", "default-bf16-all-channels", "default"])
+def test_logits_equal_a_masked_attention_reference_step_by_step(per_kv_head, sparse_output, score_dtype,
+                                                                 score_fraction):
     model = tokenpass.tiny("qwen2")
     context, steps = 48, 12
     ids = torch.randint(3, 300, (1, context + steps), generator=torch.Generator().manual_seed(3))
     spec = (f"tidaldecode:top_k=5:sparse_start=1:selection_layers=1/3:per_kv_head={per_kv_head}"
-            f":sparse_selection_output={sparse_output}:score_dtype={str(score_dtype).replace('torch.', '').lower()}")
+            f":sparse_selection_output={sparse_output}:score_dtype={str(score_dtype).replace('torch.', '').lower()}"
+            f":score_fraction={score_fraction}")
     optimized = tokenpass.optimize(model, passes=[spec])
     got = teacher_forced(optimized, ids[:, :context], ids[0, context:], "tidal").logprobs
 
-    AttentionInterface.register("tidal_reference", _MaskedTidalReference(5, 1, [1, 3], per_kv_head, sparse_output,
-                                                                            score_dtype))
+    AttentionInterface.register("tidal_reference", _MaskedTidalReference(
+        5, 1, [1, 3], per_kv_head, sparse_output, score_dtype, channels_of(score_fraction, model)))
     model.set_attn_implementation("tidal_reference")
     try:
         cache, want = DynamicCache(), []

@@ -56,14 +56,15 @@ RUNTIME_CACHE = "<runtime cache>"
 # Sparse decode attention (TidalDecode and the selection methods after it). A selection layer attends
 # densely and also returns, per head, the cache slots its query attended to most; later layers attend
 # only to those slots (plus their own new token). The slots tensor is an explicit data edge in the graph.
-# ``score_dtype`` (sparse-output selection only): rank with a copy of the keys in that dtype, which the
-# runtime cache keeps in step; a bf16 copy halves the bytes scoring reads from an fp32 cache.
+# Sparse-output selection only: ``score_dtype`` ranks with a copy of the keys in that dtype, which the
+# runtime cache keeps in step (bf16 halves the bytes ranking reads from an fp32 cache), and
+# ``score_channels`` (0: all) with that many of each key's channels, those the query weighs most.
 SELECTION_ATTENTION = "tokenpass::selection_attention"
 SPARSE_ATTENTION = "tokenpass::sparse_attention"
 torch.library.define(
     SELECTION_ATTENTION,
     "(Tensor query, Tensor key_new, Tensor value_new, float scale, int layer, int top_k, bool per_kv_head, "
-    "bool sparse_output, ScalarType? score_dtype=None) -> (Tensor, Tensor)",
+    "bool sparse_output, ScalarType? score_dtype=None, int score_channels=0) -> (Tensor, Tensor)",
 )
 torch.library.define(
     SPARSE_ATTENTION,
@@ -73,7 +74,7 @@ torch.library.define(
 
 @torch.library.register_fake(SELECTION_ATTENTION)
 def _selection_attention_fake(query, key_new, value_new, scale, layer, top_k, per_kv_head, sparse_output,
-                              score_dtype=None):
+                              score_dtype=None, score_channels=0):
     heads = key_new.shape[1] if per_kv_head else query.shape[1]
     slots = query.new_empty((query.shape[0], heads, top_k), dtype=torch.long)
     return query.new_empty((*query.shape[:-1], value_new.shape[-1])), slots

@@ -19,10 +19,12 @@ After (sparse_start=2, selection_layers=[2, 12])::
     sel_12 = tokenpass.selection_attention(...); slots_12 = sel_12[1]
     out_13 = tokenpass.sparse_attention(q_13, k_13, v_13, slots_12, scale, 13)
 
-Scoring precision (``score_dtype``, sparse-output selection layers only): a selection layer that attends
-over its own choice reads all keys just to rank them, so it may rank with a bf16 copy of the keys that the
-runtime cache keeps in step (half the bytes from an fp32 cache; the Double-Sparsity "label cache" idea).
-Ranking tolerates the rounding; attention itself still reads the cache's own keys and values.
+Cheaper ranking (sparse-output selection layers only): a selection layer that attends over its own
+choice reads every key just to rank them, so it ranks with an approximation: a bf16, channel-major copy
+of the keys that the runtime cache keeps in step (``score_dtype``; Double Sparsity's "label cache"), of
+which it reads only the ``score_fraction`` of channels where the query has the most magnitude (SparQ).
+Default: bf16 and a quarter of the channels, an eighth of the bytes of an exact fp32 ranking. Ranking
+tolerates this (docs/benchmarks.md); attention itself still reads the cache's own keys and values.
 
 Cache correction (the paper's, absent from its released code): with ``correction_interval=n`` the
 runtime re-encodes every n sparsely decoded tokens with the dense prefill step, overwriting their
@@ -102,12 +104,13 @@ class TidalDecode(Pass):
         sparse_selection_output: bool = True,
         correction_interval: int | None = None,
         score_dtype: str | None = "bfloat16",
+        score_fraction: float = 0.25,
     ):
         """Defaults: the configuration tuned on SmolLM2 (docs/benchmarks.md): re-select at every second
         layer, one selection per KV head (its query heads vote), selection layers reading values only at
-        their own selection and ranking with bf16 keys. ``TidalDecode.paper()`` gives the paper's
-        configuration. ``score_dtype`` has no effect on dense selection layers (``sparse_selection_output=
-        False``): their attention pass yields the scores."""
+        their own selection and ranking with a quarter of the channels of bf16 keys. ``TidalDecode.paper()``
+        gives the paper's configuration. ``score_dtype`` and ``score_fraction`` have no effect on dense
+        selection layers (``sparse_selection_output=False``): their attention pass yields exact scores."""
         if not isinstance(top_k, int) or top_k < 1:
             raise PassError(f"tidaldecode: top_k must be a positive integer, got {top_k!r}")
         if not isinstance(sparse_start, int) or sparse_start < 0:
@@ -129,6 +132,9 @@ class TidalDecode(Pass):
             raise PassError(f"tidaldecode: correction_interval must be an integer >= 2, got {correction_interval!r}")
         self.correction_interval = correction_interval
         self.score_dtype = score_dtype_option(score_dtype)
+        if not isinstance(score_fraction, (int, float)) or not 0 < score_fraction <= 1:
+            raise PassError(f"tidaldecode: score_fraction must be in (0, 1], got {score_fraction!r}")
+        self.score_fraction = float(score_fraction)
         self.top_k = top_k
         self.sparse_start = sparse_start
         self.selection_layers = selection_layers if isinstance(selection_layers, str) else list(selection_layers)
@@ -140,13 +146,13 @@ class TidalDecode(Pass):
         """The paper's configuration: selection at ``sparse_start`` and mid-stack, per query head, dense
         selection layers."""
         return cls(top_k=top_k, selection_layers="paper", per_kv_head=False, sparse_selection_output=False,
-                   score_dtype=None, **options)
+                   score_dtype=None, score_fraction=1.0, **options)
 
     def __repr__(self) -> str:
         return (f"TidalDecode(top_k={self.top_k}, sparse_start={self.sparse_start}, "
                 f"selection_layers={self.selection_layers}, per_kv_head={self.per_kv_head}, "
                 f"sparse_selection_output={self.sparse_selection_output}, correction_interval={self.correction_interval}, "
-                f"score_dtype={str(self.score_dtype).replace('torch.', '')})")
+                f"score_dtype={str(self.score_dtype).replace('torch.', '')}, score_fraction={self.score_fraction})")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The selection layers for a model of ``num_layers``; out-of-range choices are errors."""
@@ -183,7 +189,7 @@ class TidalDecode(Pass):
                 return result
             args = (graph.node(site.query), graph.node(site.key), graph.node(site.value))
             if site.layer in selection:
-                slots = self._selection(graph, node, args, site.scale, site.layer)
+                slots = self._selection(graph, node, args, site.scale, site.layer, site.head_dim)
                 result.counts["selection_layers"] += 1
             else:
                 new = replace_node(graph, node, sparse_attention_op, (*args, slots, site.scale, site.layer), self.name)
@@ -194,13 +200,18 @@ class TidalDecode(Pass):
         result.modified = True
         return result
 
-    def _selection(self, graph: TokenGraph, node, args, scale: float, layer: int):
+    def score_channels(self, head_dim: int) -> int:
+        """Key channels ranking reads (0: all): ``score_fraction`` of ``head_dim``, at least one."""
+        channels = max(1, round(self.score_fraction * head_dim))
+        return 0 if channels >= head_dim or not self.sparse_selection_output else channels
+
+    def _selection(self, graph: TokenGraph, node, args, scale: float, layer: int, head_dim: int):
         """Replace ``node`` by a selection op; its users read element 0, later layers element 1 (slots)."""
         with graph.graph.inserting_before(node):
             select = graph.graph.call_function(
                 selection_attention_op,
                 (*args, scale, layer, self.top_k, self.per_kv_head, self.sparse_selection_output,
-                 self.score_dtype if self.sparse_selection_output else None),
+                 self.score_dtype if self.sparse_selection_output else None, self.score_channels(head_dim)),
             )
             out = graph.graph.call_function(operator.getitem, (select, 0))
             slots = graph.graph.call_function(operator.getitem, (select, 1))

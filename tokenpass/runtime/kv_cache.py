@@ -9,9 +9,11 @@ memory shrinks) while keys keep their original rotary positions.
 Layout per layer: ``keys``/``values`` ``[B, H_kv, capacity, D]``, ``positions`` ``[B, H_kv, capacity]``
 (int64, -1 when empty) and ``valid`` ``[B, H_kv, capacity]`` (bool: False for left padding, evicted
 slots and unused capacity). All heads of a layer share one slot count ``length``; a head that keeps
-fewer tokens marks the rest invalid. A layer may also hold ``score_keys``: a low-precision copy of its
-keys that selection ops rank with (half the bytes of an fp32 scoring pass), created on first request and
-written by every ``stage``; compaction and growth drop it and the next request rebuilds it.
+fewer tokens marks the rest invalid. A layer may also hold ``score_keys``: a channel-major
+(``[B, H_kv, D, capacity]``), usually low-precision copy of its keys that selection ops rank with, so
+that ranking can read a few channels of every key as contiguous rows (and half the bytes each in bf16).
+It is created on first request and written by every ``stage``; compaction and growth drop it and the
+next request rebuilds it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class LayerCache:
     positions: torch.Tensor
     valid: torch.Tensor
     length: int = 0  # committed slots
-    score_keys: torch.Tensor | None = None  # low-precision copy of ``keys`` for ranking, same layout
+    score_keys: torch.Tensor | None = None  # ``keys`` for ranking, channel-major [B, H, D, capacity]
 
     @property
     def capacity(self) -> int:
@@ -113,15 +115,17 @@ class KVCache:
         cache.positions[:, :, start : start + t] = self.step_positions[:, None, :]
         cache.valid[:, :, start : start + t] = self.step_valid[:, None, :]
         if cache.score_keys is not None:
-            cache.score_keys[:, :, start : start + t] = keys
+            cache.score_keys[:, :, :, start : start + t] = keys.transpose(-1, -2)
         return cache
 
     def score_keys(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        """``layer``'s keys in ``dtype`` (full capacity; slots staged so far included), kept in step by
-        ``stage``. Built from the keys on first request, so its cost is one conversion per layer."""
+        """``layer``'s keys in ``dtype``, channel-major ``[B, H, D, capacity]`` (slots staged so far
+        included), kept in step by ``stage``. Built on first request: one conversion per layer."""
         cache = self.layers[layer]
         if cache.score_keys is None or cache.score_keys.dtype != dtype:
-            cache.score_keys = cache.keys.to(dtype)
+            b, h, capacity, d = cache.keys.shape
+            cache.score_keys = torch.empty((b, h, d, capacity), dtype=dtype, device=cache.keys.device)
+            cache.score_keys.copy_(cache.keys.transpose(-1, -2))
         return cache.score_keys
 
     def commit(self) -> None:

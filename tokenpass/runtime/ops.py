@@ -58,12 +58,13 @@ def attend_slots(query, keys, values, valid, slots, scale: float) -> torch.Tenso
 
 
 @torch.library.impl(SELECTION_ATTENTION, "CompositeExplicitAutograd")
-def selection_attention(query, key_new, value_new, scale, layer, top_k, per_kv_head, sparse_output, score_dtype=None):
+def selection_attention(query, key_new, value_new, scale, layer, top_k, per_kv_head, sparse_output,
+                        score_dtype=None, score_channels=0):
     keys, values, valid = _staged(layer, key_new, value_new)
-    if sparse_output and score_dtype is not None and score_dtype != keys.dtype:
-        # Ranking reads the cache's low-precision key copy; the output reads the chosen slots only.
-        score_keys = active_cache().score_keys(layer, score_dtype)[:, :, : keys.shape[2]]
-        slots = top_slots(ranking_scores(query, score_keys, valid, scale), top_k, per_kv_head)
+    if sparse_output and (score_dtype is not None or score_channels):
+        # Ranking reads the cache's key copy (fewer bytes); the output reads the chosen slots only.
+        score_keys = active_cache().score_keys(layer, score_dtype or keys.dtype)[..., : keys.shape[2]]
+        slots = top_slots(ranking_scores(query, score_keys, valid, scale, score_channels), top_k, per_kv_head)
         return attend_slots(query, keys, values, valid, slots, scale), slots
     if not query.is_cuda:
         return selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, sparse_output)
