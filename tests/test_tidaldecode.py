@@ -44,7 +44,7 @@ class _MaskedTidalReference:
         k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
         scores = (query @ k.transpose(-1, -2)) * scaling  # [B, H, 1, S]; the last position is this token
         if layer in self.selection:
-            past = self._ranking(query, key, scaling) if self.score_dtype else scores
+            past = self._ranking(query, key, scaling) if self.score_dtype or self.score_channels else scores
             past = past[..., :-1]
             k = min(self.top_k, past.shape[-1])
             if self.per_kv_head:  # the group's query heads vote with their attention probabilities
@@ -62,8 +62,9 @@ class _MaskedTidalReference:
         """Scores for ranking: the ``score_channels`` channels where the group's queries are largest, with
         queries and keys rounded to ``score_dtype`` (a GEMM in that dtype, as the op's)."""
         b, hkv, s, d = key.shape
-        q = query.reshape(b, hkv, -1, d).to(self.score_dtype)
-        keys = key.transpose(-1, -2).to(self.score_dtype).contiguous()  # [B, Hkv, D, S]
+        dtype = self.score_dtype or key.dtype
+        q = query.reshape(b, hkv, -1, d).to(dtype)
+        keys = key.transpose(-1, -2).to(dtype).contiguous()  # [B, Hkv, D, S]
         if self.score_channels:
             picked = q.abs().float().sum(2).topk(self.score_channels, -1).indices  # [B, Hkv, r]
             q = q.gather(-1, picked[:, :, None].expand(-1, -1, q.shape[2], -1))
@@ -78,9 +79,9 @@ def channels_of(fraction: float, model) -> int:
 
 
 @pytest.mark.parametrize("per_kv_head,sparse_output,score_dtype,score_fraction", [
-    (False, False, None, 1.0), (True, True, None, 1.0), (True, True, torch.bfloat16, 1.0),
+    (False, False, None, 1.0), (True, True, None, 1.0), (True, True, None, 0.25),
     (True, True, torch.bfloat16, 0.25),
-], ids=["paper", "default-exact-ranking", "default-bf16-all-channels", "default"])
+], ids=["paper", "exact-ranking", "default", "bf16-ranking"])
 def test_logits_equal_a_masked_attention_reference_step_by_step(per_kv_head, sparse_output, score_dtype,
                                                                  score_fraction):
     model = tokenpass.tiny("qwen2")
@@ -136,6 +137,8 @@ def test_second_application_is_a_no_op_and_prefill_is_untouched():
     (dict(top_k=0), "top_k must be a positive integer"),
     (dict(selection_layers=[1, 5], sparse_start=2), "selection layer 1 is below sparse_start=2"),
     (dict(selection_layers=[3, 2]), "increasing"),
+    (dict(score_fraction=0), "score_fraction must be in \\(0, 1\\]"),
+    (dict(score_dtype="int8"), "score_dtype 'int8' is not one of bfloat16, float16, float32 or none"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(PassError, match=message):

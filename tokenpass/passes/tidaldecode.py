@@ -20,11 +20,14 @@ After (sparse_start=2, selection_layers=[2, 12])::
     out_13 = tokenpass.sparse_attention(q_13, k_13, v_13, slots_12, scale, 13)
 
 Cheaper ranking (sparse-output selection layers only): a selection layer that attends over its own
-choice reads every key just to rank them, so it ranks with an approximation: a bf16, channel-major copy
-of the keys that the runtime cache keeps in step (``score_dtype``; Double Sparsity's "label cache"), of
-which it reads only the ``score_fraction`` of channels where the query has the most magnitude (SparQ).
-Default: bf16 and a quarter of the channels, an eighth of the bytes of an exact fp32 ranking. Ranking
-tolerates this (docs/benchmarks.md); attention itself still reads the cache's own keys and values.
+choice reads every key just to rank them, so it ranks with an approximation: of a channel-major copy of
+the keys that the runtime cache keeps in step, it reads only the ``score_fraction`` of channels where the
+query group has the most magnitude (SparQ's observation that those dominate ``q . k``), as contiguous
+rows. Default: a quarter of the channels, a quarter of the bytes of an exact ranking, with no measurable
+quality cost on SmolLM2 (docs/benchmarks.md). ``score_dtype`` stores that copy in another dtype
+(``bfloat16``: half the bytes, Double Sparsity's "label cache"; on this project's CPU bf16 GEMMs with
+three query rows run slower than fp32 ones, so the default keeps the cache's dtype). Attention itself
+still reads the cache's own keys and values.
 
 Cache correction (the paper's, absent from its released code): with ``correction_interval=n`` the
 runtime re-encodes every n sparsely decoded tokens with the dense prefill step, overwriting their
@@ -56,7 +59,7 @@ SCORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 
 
 def score_dtype_option(value: str | None) -> torch.dtype | None:
-    """``bfloat16``/``float16``/``float32`` or ``None``/``"none"`` (rank with the cache's own keys)."""
+    """``bfloat16``/``float16``/``float32`` or ``None``/``"none"`` (the cache's own dtype)."""
     if value is None or value == "none":
         return None
     if value not in SCORE_DTYPES:
@@ -103,12 +106,12 @@ class TidalDecode(Pass):
         per_kv_head: bool = True,
         sparse_selection_output: bool = True,
         correction_interval: int | None = None,
-        score_dtype: str | None = "bfloat16",
+        score_dtype: str | None = None,
         score_fraction: float = 0.25,
     ):
         """Defaults: the configuration tuned on SmolLM2 (docs/benchmarks.md): re-select at every second
         layer, one selection per KV head (its query heads vote), selection layers reading values only at
-        their own selection and ranking with a quarter of the channels of bf16 keys. ``TidalDecode.paper()``
+        their own selection and ranking with a quarter of each key's channels. ``TidalDecode.paper()``
         gives the paper's configuration. ``score_dtype`` and ``score_fraction`` have no effect on dense
         selection layers (``sparse_selection_output=False``): their attention pass yields exact scores."""
         if not isinstance(top_k, int) or top_k < 1:
