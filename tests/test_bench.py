@@ -8,7 +8,7 @@ from tokenpass.bench import bench
 from tokenpass.cli import app, torch_random_ids
 from tokenpass.errors import TokenpassError
 
-KEYS = {"ppl", "ppl_ratio", "top1_agreement", "kl", "decode_tokens_per_s", "decode_speedup", "kv_bytes",
+KEYS = {"ppl", "ppl_ratio", "top1_agreement", "kl", "decode_tokens_per_s", "decode_speedup", "kv_bytes", "kv_read_bytes_per_step",
         "peak_memory_bytes", "prefill_tokens_per_s", "decode_latency_ms", "greedy_common_prefix"}
 
 

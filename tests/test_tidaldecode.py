@@ -164,15 +164,18 @@ def test_named_selection_layer_sets():
 
 @pytest.mark.smollm2
 def test_quality_on_real_text_within_bounds(smollm2):
+    """The shipped default at the issue's 4096-token context (64 continuation tokens here; 256 in the
+    benchmarks: 1.006 / 0.961 / 0.0065), and top_k covering the context as the exactness anchor."""
     from tokenpass.models import load_tokenizer
     from tokenpass.texts import read_text, token_ids
 
-    ids = token_ids(load_tokenizer("smollm2"), read_text(), 1024 + 64)
-    configs = {"default": ["tidaldecode:top_k=256"], "exact": ["tidaldecode:top_k=2048"]}
-    report = bench(smollm2, configs, token_ids=ids, context=1024, continuation=64, greedy_tokens=0, name="smollm2")
+    ids = token_ids(load_tokenizer("smollm2"), read_text(), 4096 + 64)
+    configs = {"default": ["tidaldecode"], "exact": ["tidaldecode:top_k=4096"]}
+    report = bench(smollm2, configs, token_ids=ids, context=4096, continuation=64, greedy_tokens=0, name="smollm2")
     base, default, exact = report["configs"]
     assert exact["top1_agreement"] == 1.0 and exact["kl"] < 1e-5
-    assert default["ppl_ratio"] < 1.05 and default["top1_agreement"] > 0.85 and default["kl"] > exact["kl"]
+    assert default["ppl_ratio"] < 1.05 and default["top1_agreement"] >= 0.92 and exact["kl"] < default["kl"] < 0.03
+    assert default["kv_read_bytes_per_step"] < 0.5 * base["kv_read_bytes_per_step"]
 
 
 def test_cache_correction_rewrites_sparse_tokens_with_dense_keys():
@@ -203,3 +206,17 @@ def test_cache_correction_rewrites_sparse_tokens_with_dense_keys():
 def test_correction_interval_is_validated():
     with pytest.raises(PassError, match="correction_interval must be an integer >= 2"):
         TidalDecode(correction_interval=1)
+
+
+def test_kv_bytes_read_per_step_fall_to_dense_layers_plus_selected_slots():
+    """Tiny llama: 4 layers, 2 KV heads of 16 channels, fp32; 11 decode steps over 41..51 cache slots."""
+    from tokenpass.cli import torch_random_ids
+
+    report = bench(tokenpass.tiny("llama"), {"tidal": ["tidaldecode:top_k=8:selection_layers=2"]},
+                   token_ids=torch_random_ids(320, 52), context=40, continuation=12)
+    base, tidal = report["configs"]
+    slots = sum(range(41, 52)) / 11  # mean slots per layer over the decode steps
+    row = 2 * 16 * 4  # one slot of one layer: 2 KV heads x 16 channels x 4 bytes (keys or values)
+    assert base["kv_read_bytes_per_step"] == pytest.approx(4 * slots * 2 * row)
+    dense, ranking, chosen = 2 * slots * 2 * row, slots * row // 4, 2 * (8 + 1) * 2 * row  # layers 0-1; 2; 2-3
+    assert tidal["kv_read_bytes_per_step"] == pytest.approx(dense + ranking + chosen)

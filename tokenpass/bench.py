@@ -39,6 +39,7 @@ class Run:
     decode_steps: int
     kv_bytes: int
     peak_bytes: int
+    kv_read_bytes: int | None  # cache bytes the decode steps' attention read (None: no runtime cache)
 
 
 def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: torch.Tensor, label: str) -> Run:
@@ -54,6 +55,7 @@ def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: t
             logits = model.step(cache, context, torch.ones_like(context), positions, last_only=True)
             prefill_s = time.perf_counter() - start
         rows.append(logits[0, -1].float().log_softmax(-1))
+        read_before = getattr(cache, "bytes_read", None)
         start = time.perf_counter()
         corrector = Corrector(model, cache)
         for i in steps(range(len(continuation) - 1), f"{label}: decoding"):
@@ -63,7 +65,8 @@ def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: t
             corrector.decoded(token, positions)
             rows.append(logits[0, -1].float().log_softmax(-1))
         decode_s = time.perf_counter() - start
-    return Run(torch.stack(rows), prefill_s, decode_s, len(continuation) - 1, cache.nbytes(), memory.peak_bytes)
+    read = None if read_before is None else cache.bytes_read - read_before
+    return Run(torch.stack(rows), prefill_s, decode_s, len(continuation) - 1, cache.nbytes(), memory.peak_bytes, read)
 
 
 def _warm_up(model: OptimizedModel, context: torch.Tensor) -> None:
@@ -88,6 +91,7 @@ def compare(run: Run, base: Run, targets: torch.Tensor, context_len: int) -> dic
         "decode_speedup": decode_tps / base_tps,
         "decode_latency_ms": 1000 * run.decode_s / max(run.decode_steps, 1),
         "kv_bytes": run.kv_bytes,
+        "kv_read_bytes_per_step": None if run.kv_read_bytes is None else run.kv_read_bytes / max(run.decode_steps, 1),
         "peak_memory_bytes": run.peak_bytes,
     }
 

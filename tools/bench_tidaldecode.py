@@ -6,8 +6,8 @@
 Selection-layer sets (``tidaldecode``'s ``selection_layers`` names): ``paper`` = {2, 12} for 30 layers,
 run in the paper's form (selection per query head, dense selection layers); ``everyN`` and ``all`` run
 in the tuned form (one selection per KV head, selection layers attend over their own selection:
-scoring reads all keys, values only at the selected slots). ``--per-query-head`` switches the tuned
-sets to per-query-head selection.
+ranking reads a quarter of the channels of every key, attention only the selected slots).
+``--per-query-head`` switches the tuned sets to per-query-head selection.
 """
 
 from __future__ import annotations

@@ -92,6 +92,7 @@ class KVCache:
         self.step_positions: torch.Tensor | None = None  # [B, T] positions of the tokens being run
         self.step_valid: torch.Tensor | None = None  # [B, T] False for left padding
         self.all_valid = True  # no padding and no eviction so far: attention needs no mask in decode
+        self.bytes_read = 0  # cache bytes the attention ops have read (their own accounting, all steps)
 
     # --- one step -------------------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor, token_valid: torch.Tensor) -> None:
