@@ -80,3 +80,16 @@ def test_sparse_decode_kernel_matches_reference(per_kv_head, with_valid):
         valid[:, :, -1] = True
     got = sparse_decode_attention(q, k, v, valid, slots, 0.2, block_n=16)
     torch.testing.assert_close(got, sparse_attention_reference(q, k, v, valid, slots, 0.2), rtol=1e-4, atol=1e-5)
+
+
+def test_ranking_from_a_channel_major_copy():
+    """All channels: the exact scores. A quarter: exact when the query lives on those channels, which the
+    ranking finds by the query group's summed magnitude."""
+    from tokenpass.kernels.sparse_attention_ref import decode_scores, ranking_scores
+
+    q, k = torch.randn(2, 6, 1, 16), torch.randn(2, 3, 40, 16)
+    copy = k.transpose(-1, -2).contiguous()  # [B, Hkv, D, S], as the runtime cache keeps it
+    torch.testing.assert_close(ranking_scores(q, copy, None, 0.25), decode_scores(q, k, None, 0.25))
+    assert not torch.allclose(ranking_scores(q, copy, None, 0.25, channels=4), decode_scores(q, k, None, 0.25))
+    q[..., 4:] = 0
+    torch.testing.assert_close(ranking_scores(q, copy, None, 0.25, channels=4), decode_scores(q, k, None, 0.25))

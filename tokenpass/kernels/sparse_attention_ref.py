@@ -71,18 +71,12 @@ def top_slots(scores: torch.Tensor, top_k: int, per_kv_head: bool) -> torch.Tens
 
 def selection_attention_reference(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scale: float,
-    top_k: int, per_kv_head: bool, sparse_output: bool, score_keys: torch.Tensor | None = None,
-    score_channels: int = 0,
+    top_k: int, per_kv_head: bool, sparse_output: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention output (or, with ``sparse_output``, attention over its own selection) and top slots.
 
     One pass over the keys yields both the scores for selection and, for the dense output, the weights.
-    With ``sparse_output`` the ranking may read ``score_keys`` instead (a channel-major, usually
-    low-precision copy of ``keys``), ``score_channels`` of its channels (see ``ranking_scores``).
     """
-    if sparse_output and score_keys is not None:
-        slots = top_slots(ranking_scores(query, score_keys, valid, scale, score_channels), top_k, per_kv_head)
-        return sparse_attention_reference(query, keys, values, valid, slots, scale), slots
     scores = decode_scores(query, keys, valid, scale)
     slots = top_slots(scores, top_k, per_kv_head)
     if sparse_output:

@@ -10,8 +10,8 @@ Layout per layer: ``keys``/``values`` ``[B, H_kv, capacity, D]``, ``positions`` 
 (int64, -1 when empty) and ``valid`` ``[B, H_kv, capacity]`` (bool: False for left padding, evicted
 slots and unused capacity). All heads of a layer share one slot count ``length``; a head that keeps
 fewer tokens marks the rest invalid. A layer may also hold ``score_keys``: a channel-major
-(``[B, H_kv, D, capacity]``), usually low-precision copy of its keys that selection ops rank with, so
-that ranking can read a few channels of every key as contiguous rows (and half the bytes each in bf16).
+(``[B, H_kv, D, capacity]``) copy of its keys, optionally in a narrower dtype, that selection ops rank
+with, so that ranking reads a few channels of every key as contiguous rows.
 It is created on first request and written by every ``stage``; compaction and growth drop it and the
 next request rebuilds it.
 """
