@@ -212,9 +212,11 @@ def test_kv_bytes_read_per_step_fall_to_dense_layers_plus_selected_slots():
     """Tiny llama: 4 layers, 2 KV heads of 16 channels, fp32; 11 decode steps over 41..51 cache slots."""
     from tokenpass.cli import torch_random_ids
 
-    report = bench(tokenpass.tiny("llama"), {"tidal": ["tidaldecode:top_k=8:selection_layers=2"]},
-                   token_ids=torch_random_ids(320, 52), context=40, continuation=12)
-    base, tidal = report["configs"]
+    configs = {"tidal": ["tidaldecode:top_k=8:selection_layers=2"],
+               "covering": ["tidaldecode:top_k=64:selection_layers=2"]}  # top_k >= context: plain dense reads
+    report = bench(tokenpass.tiny("llama"), configs, token_ids=torch_random_ids(320, 52), context=40, continuation=12)
+    base, tidal, covering = report["configs"]
+    assert covering["kv_read_bytes_per_step"] == base["kv_read_bytes_per_step"] and covering["kl"] < 1e-10
     slots = sum(range(41, 52)) / 11  # mean slots per layer over the decode steps
     row = 2 * 16 * 4  # one slot of one layer: 2 KV heads x 16 channels x 4 bytes (keys or values)
     assert base["kv_read_bytes_per_step"] == pytest.approx(4 * slots * 2 * row)

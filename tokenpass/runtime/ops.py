@@ -58,6 +58,9 @@ def _staged(layer: int, key_new: torch.Tensor, value_new: torch.Tensor):
 
 def attend_slots(query, keys, values, valid, slots, scale: float) -> torch.Tensor:
     """Attention over selected slots: Triton sparse kernel on CUDA, torch reference otherwise."""
+    if slots.shape[-1] >= keys.shape[2] - 1:  # every past slot chosen: dense attention is the same, and cheaper
+        _count_read(keys, values)
+        return attend_cache(query, keys, values, valid, scale)
     row = keys.shape[-1] * (keys.element_size() + values.element_size())
     active_cache().bytes_read += (slots.numel() + slots.shape[0] * slots.shape[1]) * row  # + the own token
     if query.is_cuda:
@@ -71,6 +74,10 @@ def attend_slots(query, keys, values, valid, slots, scale: float) -> torch.Tenso
 def selection_attention(query, key_new, value_new, scale, layer, top_k, per_kv_head, sparse_output,
                         score_dtype=None, score_channels=0):
     keys, values, valid = _staged(layer, key_new, value_new)
+    if sparse_output and top_k >= keys.shape[2] - 1:  # the choice is every past slot: nothing to rank
+        heads = keys.shape[1] if per_kv_head else query.shape[1]
+        slots = torch.arange(keys.shape[2] - 1, device=keys.device).expand(keys.shape[0], heads, -1)
+        return attend_slots(query, keys, values, valid, slots, scale), slots
     if sparse_output:  # rank every slot, then attend over the choice only
         scores = _ranking_scores(query, keys, valid, scale, layer, score_dtype, score_channels)
         slots = top_slots(scores, top_k, per_kv_head)
