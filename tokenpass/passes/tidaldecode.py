@@ -203,10 +203,13 @@ class TidalDecode(Pass):
         result.modified = True
         return result
 
-    def score_channels(self, head_dim: int) -> int:
-        """Key channels ranking reads (0: all): ``score_fraction`` of ``head_dim``, at least one."""
+    def ranking_options(self, head_dim: int) -> tuple[torch.dtype | None, int]:
+        """The selection op's ``score_dtype`` and ``score_channels`` (0: all): ``score_fraction`` of
+        ``head_dim``, at least one. Dense selection layers score exactly in their attention pass."""
+        if not self.sparse_selection_output:
+            return None, 0
         channels = max(1, round(self.score_fraction * head_dim))
-        return 0 if channels >= head_dim or not self.sparse_selection_output else channels
+        return self.score_dtype, 0 if channels >= head_dim else channels
 
     def _selection(self, graph: TokenGraph, node, args, scale: float, layer: int, head_dim: int):
         """Replace ``node`` by a selection op; its users read element 0, later layers element 1 (slots)."""
@@ -214,7 +217,7 @@ class TidalDecode(Pass):
             select = graph.graph.call_function(
                 selection_attention_op,
                 (*args, scale, layer, self.top_k, self.per_kv_head, self.sparse_selection_output,
-                 self.score_dtype if self.sparse_selection_output else None, self.score_channels(head_dim)),
+                 *self.ranking_options(head_dim)),
             )
             out = graph.graph.call_function(operator.getitem, (select, 0))
             slots = graph.graph.call_function(operator.getitem, (select, 1))
