@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tokenpass.errors import TokenpassError
+from tokenpass.ir.requests import SlotState
 from tokenpass.runtime.kv_cache import KVCache, check_budget
 
 
@@ -88,18 +89,29 @@ def test_generate_with_a_budget_matches_a_recent_window_and_rejects_bad_budgets(
             optimized.generate(ids, max_new_tokens=2, kv_budget=budget)
 
 
-def test_score_keys_follow_staged_keys_and_are_rebuilt_after_compaction():
-    cache = KVCache(num_layers=1, batch=1, num_kv_heads=2, head_dim=4, capacity=8)
+def test_declared_slot_states_are_staged_grown_compacted_and_counted():
+    """A channel-major bf16 key copy (staged from the keys) and a per-slot float score (written by ops)
+    on layer 0 only: the cache handles both without knowing what they are."""
+    copy = SlotState("copy", layers=(0,), trailing=(4,), dtype="bfloat16", layout="channel_major", source="keys")
+    score = SlotState("score", layers=(0,), fill=-1.0)
+    cache = KVCache(num_layers=2, batch=1, num_kv_heads=2, head_dim=4, capacity=4,
+                    slot_states={"copy": copy, "score": score})
+    plain = KVCache(num_layers=2, batch=1, num_kv_heads=2, head_dim=4, capacity=4)
+    assert cache.nbytes() == plain.nbytes() + 1 * 2 * 4 * 4 * 2 + 1 * 2 * 4 * 4  # bf16 copy + fp32 score
     keys = torch.randn(1, 2, 6, 4)
-    _step(cache, [(keys, keys)], torch.arange(6)[None], torch.ones(1, 6))
-    before = cache.nbytes()
-    mirror = cache.score_keys(0, torch.bfloat16)
-    assert mirror.dtype == torch.bfloat16 and cache.nbytes() == before + mirror.numel() * 2  # reported honestly
+    _step(cache, [(keys, keys), (keys, keys)], torch.arange(6)[None], torch.ones(1, 6))  # grows 4 -> 70 slots
+    assert cache.layers[0].capacity > 4 and cache.state(0, "copy").shape == (1, 2, 4, cache.layers[0].capacity)
+    assert torch.equal(cache.state(0, "copy")[..., :6], keys.transpose(-1, -2).bfloat16())
+    assert torch.equal(cache.state(0, "score")[..., :6], torch.full((1, 2, 6), -1.0))
+    cache.state(0, "score")[..., :6] = torch.arange(6.0)  # an op writes its scores
     new = torch.randn(1, 2, 1, 4)
-    _step(cache, [(new, new)], torch.tensor([[6]]), torch.ones(1, 1))  # stage writes the copy too
-    mirror = cache.score_keys(0, torch.bfloat16)  # channel-major
-    assert torch.equal(mirror[..., :7], cache.layers[0].keys[:, :, :7].transpose(-1, -2).bfloat16())
-    cache.keep(0, torch.tensor([[[1, 6], [0, 3]]]))
-    assert cache.layers[0].score_keys is None  # dropped with the old buffers ...
-    rebuilt = cache.score_keys(0, torch.bfloat16)  # ... and rebuilt from the compacted keys
-    assert torch.equal(rebuilt[0, 0, :, :2], torch.cat([keys[0, 0, 1:2], new[0, 0]]).T.bfloat16())
+    _step(cache, [(new, new), (new, new)], torch.tensor([[6]]), torch.ones(1, 1))
+    assert torch.equal(cache.state(0, "copy")[..., 6], new[:, :, 0].bfloat16())  # staged with the keys
+    cache.keep(0, torch.tensor([[[1, 6], [0, 3]]]))  # compaction carries states along
+    assert torch.equal(cache.state(0, "copy")[0, 0, :, :2], torch.cat([keys[0, 0, 1:2], new[0, 0]]).T.bfloat16())
+    assert torch.equal(cache.state(0, "score")[..., :2], torch.tensor([[[1.0, -1.0], [0.0, 3.0]]]))
+    cache.rewind(1)
+    _step(cache, [(keys[:, :, :1], keys[:, :, :1]), (keys[:, :, :1], keys[:, :, :1])], torch.tensor([[7]]), torch.ones(1, 1))
+    assert torch.equal(cache.state(0, "copy")[..., 1], keys[:, :, 0].bfloat16())  # a rewound slot is re-staged
+    with pytest.raises(TokenpassError, match="layer 1 of the KV cache keeps no state 'copy'"):
+        cache.state(1, "copy")

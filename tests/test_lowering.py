@@ -44,7 +44,8 @@ def test_lower_kv_cache_explains_a_site_without_a_cache_update():
     out.replace_input_with(cat, cat.args[0][1])  # the graph no longer returns layer 2's value cache
     graph.mark_changed()
     (result,) = PassManager(["lower_kv_cache"]).run(graph)
-    assert result.counts["attention_on_runtime_cache"] == 3
+    assert result.counts["attention_on_runtime_cache"] == 0 and not result.modified  # all or nothing
+    assert "runtime_kv_cache" not in graph.properties and not graph.reads_runtime_cache()
     (miss,) = result.misses
     assert miss.site.startswith("layer 2 attention") and miss.check == "values cache update found"
 
@@ -72,8 +73,8 @@ def test_select_logit_rows_computes_only_the_asked_rows():
     assert result.counts["lm_head_rows_selected"] == 1
     ids = torch.randint(3, 300, (2, 9))
     positions = torch.arange(9).expand(2, 9)
-    full = run_step(graph, new_cache(graph, 2), ids, torch.ones_like(ids), positions)
-    last = run_step(graph, new_cache(graph, 2), ids, torch.ones_like(ids), positions, last_only=True)
+    full = run_step(graph, new_cache({"prefill": graph}, 2), ids, torch.ones_like(ids), positions)
+    last = run_step(graph, new_cache({"prefill": graph}, 2), ids, torch.ones_like(ids), positions, last_only=True)
     assert full.shape == (2, 9, 320) and last.shape == (2, 1, 320)
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=1e-5)
 

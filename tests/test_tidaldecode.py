@@ -10,8 +10,9 @@ import tokenpass
 from tokenpass.bench import bench, teacher_forced
 from tokenpass.cli import app
 from tokenpass.errors import PassError
+from tokenpass.ir.requests import PolicySpec
 from tokenpass.passes import PassManager
-from tokenpass.passes.tidaldecode import TidalDecode, named_selection_layers, paper_selection_layers
+from tokenpass.methods.tidaldecode import TidalDecode, named_selection_layers, paper_selection_layers
 
 from conftest import hf_greedy, padded_batch
 
@@ -183,22 +184,21 @@ def test_cache_correction_rewrites_sparse_tokens_with_dense_keys():
     ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(4))
     dense = tokenpass.optimize(model)
     sparse = tokenpass.optimize(model, passes=["tidaldecode:top_k=3:sparse_start=1:selection_layers=1:correction_interval=4"])
-    assert sparse.correction_interval == 4
+    assert sparse.graphs["decode"].policies == [PolicySpec.of("tidaldecode.cache_correction", interval=4)]
 
-    def run(optimized, correct):
-        cache = optimized.new_cache(1, capacity=40)
+    def run(optimized, steps):
+        """Prefill 32 tokens, decode ``steps`` more one at a time (through the session's policies)."""
+        session = optimized.session(1, capacity=40)
         positions = torch.arange(40)[None]
-        optimized.step(cache, ids[:, :32], torch.ones_like(ids[:, :32]), positions[:, :32])
-        for i in range(32, 40):
-            optimized.step(cache, ids[:, i : i + 1], torch.ones((1, 1), dtype=torch.long), positions[:, i : i + 1])
-        if correct:
-            optimized.reencode(cache, ids[:, 32:], positions[:, 32:])
-        return cache.layers[3].keys[:, :, 32:40], cache.layers[3].values[:, :, 32:40]
+        session.step(ids[:, :32], torch.ones_like(ids[:, :32]), positions[:, :32])
+        for i in range(32, 32 + steps):
+            session.step(ids[:, i : i + 1], torch.ones((1, 1), dtype=torch.long), positions[:, i : i + 1])
+        return session.cache.layers[3].keys[:, :, 32:40], session.cache.layers[3].values[:, :, 32:40]
 
-    want_k, want_v = run(dense, False)
-    drift_k, _ = run(sparse, False)
-    got_k, got_v = run(sparse, True)
-    assert (drift_k - want_k).abs().max() > 1e-3  # sparse decoding drifted the upper layer's cache ...
+    want_k, want_v = run(dense, 8)
+    drift_k, _ = run(sparse, 7)  # 7 decode steps: the policy has not corrected yet ...
+    got_k, got_v = run(sparse, 8)  # ... the 8th step's policy re-encodes steps 1-4 and 5-8 densely
+    assert (drift_k[:, :, 4:7] - want_k[:, :, 4:7]).abs().max() > 1e-3  # sparse decoding drifted the cache ...
     torch.testing.assert_close(got_k, want_k, rtol=0, atol=1e-5)  # ... and correction restores it
     torch.testing.assert_close(got_v, want_v, rtol=0, atol=1e-5)
 

@@ -1,7 +1,7 @@
 """tokenpass: graph-rewriting passes that make causal LMs spend less per token."""
 
-from tokenpass import passes  # noqa: F401 - registers built-in passes
-from tokenpass.api import capture, optimize
+from tokenpass import methods, passes  # noqa: F401 - registers built-in and method passes
+from tokenpass.api import TokenpassWarning, capture, optimize
 from tokenpass.errors import CaptureError, PassError, PassOrderError, TokenpassError
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.models import load, tiny
@@ -12,6 +12,7 @@ __all__ = [
     "PassOrderError",
     "TokenGraph",
     "TokenpassError",
+    "TokenpassWarning",
     "capture",
     "load",
     "optimize",

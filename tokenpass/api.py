@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
 
+from tokenpass.errors import PassError, TokenpassError
 from tokenpass.ir.capture import PHASES, export_phase, model_name, probe
 from tokenpass.ir.graph import TokenGraph
-from tokenpass.passes import Pass, PassManager
+from tokenpass.passes import Pass, PassManager, PassResult
+from tokenpass.passes.registry import make_pass
 from tokenpass.progress import status
 from tokenpass.runtime.model import OptimizedModel
+
+
+class TokenpassWarning(UserWarning):
+    """A pass that could not apply; the model still runs exactly, without it."""
 
 
 def capture(model: nn.Module, phases: Sequence[str] = PHASES, name: str | None = None) -> dict[str, TokenGraph]:
@@ -29,7 +36,7 @@ LOWER_FIRST = ["canonicalize_attention", "lower_kv_cache"]
 CLEAN_UP = ["eliminate_noops", "dce", "select_logit_rows"]
 
 
-def pipeline(passes: Sequence["str | Pass"], lower: bool) -> list["str | Pass"]:
+def pipeline(passes: Sequence[Pass], lower: bool) -> list["str | Pass"]:
     """The full pass list: attention canonicalised and moved onto the runtime cache, the user's passes
     (which rewrite those runtime ops), then clean-up. Every added pass is idempotent, so listing them
     explicitly as well does no harm.
@@ -37,23 +44,60 @@ def pipeline(passes: Sequence["str | Pass"], lower: bool) -> list["str | Pass"]:
     return [*LOWER_FIRST, *passes, *CLEAN_UP] if lower else list(passes)
 
 
+def user_passes(passes: "Sequence[str | Pass | type[Pass]]") -> list[Pass]:
+    """Build the caller's passes up front, so a bad name or option fails before any capture work."""
+    if isinstance(passes, (str, Pass)) or isinstance(passes, type):
+        raise TokenpassError(f"passes must be a list of pass names or Pass objects, got {passes!r}; "
+                             f"did you mean passes=[{passes!r}]?")
+    return [make_pass(p) for p in passes]
+
+
 def optimize(
     model: nn.Module,
-    passes: Sequence["str | Pass"] = (),
+    passes: "Sequence[str | Pass | type[Pass]]" = (),
     verify: bool = False,
     name: str | None = None,
     lower: bool = True,
 ) -> OptimizedModel:
-    """Capture ``model``, run ``passes`` (names or ``Pass`` objects) on each phase's graph, return a runnable model.
+    """Capture ``model``, run ``passes`` (names, ``Pass`` objects or classes) on each phase's graph, return a
+    runnable model.
 
-    ``lower=True`` (the default) runs the passes on graphs lowered onto the runtime's KV cache; ``lower=False`` runs exactly ``passes`` on the captured graphs. With ``verify=True`` every exact
-    pass is checked for unchanged outputs on sample inputs.
+    ``lower=True`` (the default) runs the passes on graphs lowered onto the runtime's KV cache; ``lower=False``
+    runs exactly ``passes`` on the captured graphs. With ``verify=True`` every exact pass is checked for
+    unchanged outputs on sample inputs.
+
+    Never silently wrong: a model the lowering cannot handle runs as captured (exact) with a
+    ``TokenpassWarning`` naming the layer and the reason; a pass the caller asked for that applies on no
+    graph raises ``PassError`` with its reason.
     """
-    manager = PassManager(pipeline(passes, lower), verify=verify)
+    requested = user_passes(passes)
+    manager = PassManager(pipeline(requested, lower), verify=verify)
     graphs = capture(model, name=name)
     reports = {}
     for phase, graph in graphs.items():
         with status(f"running passes on the {phase} graph"):
             reports[phase] = manager.run(graph)
+    check_requested(requested, reports)
+    if lower:
+        warn_not_lowered(reports)
     spec = next(iter(graphs.values())).spec
     return OptimizedModel(spec, graphs, reports)
+
+
+def check_requested(requested: list[Pass], reports: dict[str, list[PassResult]]) -> None:
+    """Raise if a pass the caller named did its job on no graph it targets (naming the first reason)."""
+    for p in requested:
+        results = [r for rs in reports.values() for r in rs if r.pass_name == p.name and not r.phase_skipped]
+        failures = [f"{r.graph.label}: {r.failure()}" for r in results if r.failure()]
+        if results and len(failures) == len(results):
+            raise PassError(f"pass '{p.name}' could not apply: {failures[0]}")
+
+
+def warn_not_lowered(reports: dict[str, list[PassResult]]) -> None:
+    """Warn once per graph whose attention stays on explicit cache tensors (exact, but slower)."""
+    for results in reports.values():
+        for r in results:
+            if r.pass_name == "lower_kv_cache" and r.failure():
+                warnings.warn(
+                    f"{r.graph.label} runs without the runtime KV cache (exact, slower; method passes cannot "
+                    f"apply): {r.failure()}", TokenpassWarning, stacklevel=3)

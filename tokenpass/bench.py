@@ -21,7 +21,7 @@ from torch import nn
 
 from tokenpass.api import optimize
 from tokenpass.errors import TokenpassError
-from tokenpass.runtime.generate import Corrector, positions_from_mask
+from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.memory import PeakMemory
 from tokenpass.runtime.model import OptimizedModel
 from tokenpass.progress import status, steps
@@ -49,20 +49,18 @@ def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: t
     positions = positions_from_mask(torch.ones_like(context))
     rows = []
     with PeakMemory() as memory, torch.no_grad():
-        cache = model.new_cache(1, capacity=context.shape[1] + len(continuation))
+        session = model.session(1, capacity=context.shape[1] + len(continuation))
         with status(f"{label}: prefill of {context.shape[1]} tokens"):
             start = time.perf_counter()
-            logits = model.step(cache, context, torch.ones_like(context), positions, last_only=True)
+            logits = session.step(context, torch.ones_like(context), positions, last_only=True)
             prefill_s = time.perf_counter() - start
         rows.append(logits[0, -1].float().log_softmax(-1))
+        cache = session.cache
         read_before = getattr(cache, "bytes_read", None)
         start = time.perf_counter()
-        corrector = Corrector(model, cache)
         for i in steps(range(len(continuation) - 1), f"{label}: decoding"):
             positions = positions[:, -1:] + 1
-            token = continuation[i].view(1, 1)
-            logits = model.step(cache, token, valid, positions)
-            corrector.decoded(token, positions)
+            logits = session.step(continuation[i].view(1, 1), valid, positions)
             rows.append(logits[0, -1].float().log_softmax(-1))
         decode_s = time.perf_counter() - start
     read = None if read_before is None else cache.bytes_read - read_before

@@ -36,10 +36,9 @@ class _Timed:
 
 
 def time_tokenpass(optimized, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
-    timed = _Timed(optimized.step)
-    model = type("M", (), {"step": timed})()
-    cache = optimized.new_cache(1, prompt.shape[1] + new_tokens)
-    out = generate_tokens(model, cache, prompt, torch.ones_like(prompt), new_tokens, Sampling())
+    session = optimized.session(1, prompt.shape[1] + new_tokens)
+    timed = _Timed(session.step)
+    out = generate_tokens(type("S", (), {"step": timed})(), prompt, torch.ones_like(prompt), new_tokens, Sampling())
     return timed.times[0], sum(timed.times[1:]) / len(timed.times[1:]), out
 
 

@@ -41,7 +41,11 @@ class ModelSpec:
     vocab_size: int
     max_positions: int | None
     dtype: torch.dtype
-    sliding_window: int | None = None  # attention window of any windowed layer (None: all layers see everything)
+    layer_windows: tuple[int, ...] = ()  # per layer: sliding-window size, 0 for full attention
+
+    def window(self, layer: int) -> int:
+        """Layer ``layer``'s sliding window (0: it sees every earlier position)."""
+        return self.layer_windows[layer] if layer < len(self.layer_windows) else 0
 
     def empty_cache(self, batch: int, length: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Zero past keys and values of ``length`` positions for every layer."""
@@ -121,19 +125,21 @@ def probe(model: nn.Module, name: str) -> ModelSpec:
         vocab_size=int(logits.shape[-1]),
         max_positions=getattr(config, "max_position_embeddings", None),
         dtype=logits.dtype,
-        sliding_window=_sliding_window(config),
+        layer_windows=layer_windows(config, len(layers)),
     )
 
 
-def _sliding_window(config) -> int | None:
-    """The window of windowed attention layers, from the HF config conventions (None when there are none)."""
+def layer_windows(config, num_layers: int) -> tuple[int, ...]:
+    """Each layer's sliding window from the HF config conventions (``sliding_window`` with
+    ``layer_types``, ``use_sliding_window``); 0 for full attention. The lowering checks these against
+    the masks the graph really computes, so a config that lies cannot make the runtime wrong."""
     window = getattr(config, "sliding_window", None)
     if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
+        return (0,) * num_layers
     layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return int(window)
+    if layer_types is None:
+        return (int(window),) * num_layers
+    return tuple(int(window) if kind == "sliding_attention" else 0 for kind in list(layer_types)[:num_layers])
 
 
 def sample_inputs(spec: ModelSpec, phase: str, batch: int = 2, past: int = 3, new: int = 4) -> tuple:

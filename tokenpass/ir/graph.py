@@ -8,7 +8,6 @@ with symbolic dims, and provenance for rewritten nodes (``node.meta["tokenpass"]
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +16,8 @@ from torch import fx
 import tokenpass.ir.ops  # noqa: F401 - registers tokenpass:: ops so saved programs load
 from tokenpass.errors import CaptureError
 from tokenpass.ir.capture import ModelSpec
+from tokenpass.ir.op_registry import lookup_attention
+from tokenpass.ir.requests import PolicySpec, SlotState
 from tokenpass.ir.sites import GraphSites, find_sites, op_histogram
 from tokenpass.ir.visualize import dataflow
 
@@ -32,11 +33,9 @@ class TokenGraph:
         self._sites: GraphSites | None = None
         self._module: torch.nn.Module | None = None
         self.properties: set[str] = {"captured"}
-        # Set by lowering passes whose graphs need the runtime to run (e.g. attention over its KV cache):
-        # ``runner(graph, inputs)`` takes and returns what the captured step did.
-        self.runner: Callable[[TokenGraph, tuple], tuple] | None = None
-        # Settings passes leave for the runtime (e.g. TidalDecode's cache-correction interval).
-        self.runtime_options: dict[str, object] = {}
+        # What method passes ask of the runtime, as plain data (see ``ir/requests.py``).
+        self.slot_states: list[SlotState] = []
+        self.policies: list[PolicySpec] = []
 
     @property
     def graph(self) -> fx.Graph:
@@ -79,11 +78,19 @@ class TokenGraph:
         with torch.no_grad():
             return self.module()(*inputs)
 
-    def run(self, *inputs):
-        """Run the step on the captured step's inputs, through the runtime if the graph was lowered."""
-        if self.runner is not None:
-            return self.runner(self, inputs)
-        return self(*inputs)
+    def reads_runtime_cache(self) -> bool:
+        """Whether some attention op reads the runtime-owned KV cache (the graph then runs only inside
+        the runtime: ``tokenpass.runtime.executor.run_captured``)."""
+        return any(lookup_attention(n) is not None and lookup_attention(n).reads_runtime_cache for n in self.graph.nodes)
+
+    def declare_slot_state(self, state: SlotState) -> None:
+        """Ask the runtime cache to keep ``state`` (declaring the same state again is a no-op)."""
+        if state not in self.slot_states:
+            self.slot_states = [*[s for s in self.slot_states if s.name != state.name], state]
+
+    def add_policy(self, policy: PolicySpec) -> None:
+        """Ask the runtime to run ``policy`` between steps (one policy per name: a new one replaces it)."""
+        self.policies = [*[p for p in self.policies if p.name != policy.name], policy]
 
     def to_networkx(self):
         """The dataflow as a ``networkx.DiGraph`` (one node per fx node, an edge per use) for analysis."""

@@ -14,25 +14,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
-from tokenpass.ir.ops import (
-    RUNTIME_CACHE,
-    attention_op,
-    cached_attention_op,
-    selection_attention_op,
-    sparse_attention_op,
-)
+import tokenpass.ir.ops  # noqa: F401 - registers the core attention ops and their roles
+from tokenpass.ir.op_registry import lookup_attention
+from tokenpass.ir.ops import RUNTIME_CACHE, SDPA  # noqa: F401 - SDPA re-exported for passes
 
 aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
-OP_NAMES = {
-    SDPA: "aten.scaled_dot_product_attention",
-    attention_op: "tokenpass.attention",
-    cached_attention_op: "tokenpass.cached_attention",
-    selection_attention_op: "tokenpass.selection_attention",
-    sparse_attention_op: "tokenpass.sparse_attention",
-}
-ATTENTION_TARGETS = tuple(OP_NAMES)
-RUNTIME_CACHE_OPS = (cached_attention_op, selection_attention_op, sparse_attention_op)
 LOSS_TARGETS = {
     aten.cross_entropy_loss.default,
     aten.nll_loss_forward.default,
@@ -78,6 +64,9 @@ class AttentionSite:
     head_dim: int
     key_cache: CacheSlot
     value_cache: CacheSlot
+    softcap: float | None = None  # scores pass through softcap * tanh(s / softcap)
+    window: int | None = None  # sliding window: keys fewer than this many positions behind the query
+    extra_inputs: dict[str, str] = field(default_factory=dict)  # method-specific role -> input node name
 
     @property
     def label(self) -> str:
@@ -208,52 +197,48 @@ def output_nodes(graph: fx.Graph) -> list[fx.Node]:
 
 
 def _attention_args(node: fx.Node) -> dict:
-    if node.target == attention_op:
-        names = ("query", "key", "value", "mask", "scale", "is_causal", "layer")
-        return dict(zip(names, node.args))
-    if node.target in RUNTIME_CACHE_OPS:
-        query, key, value = node.args[:3]
-        scale, layer = (node.args[4], node.args[5]) if node.target == sparse_attention_op else node.args[3:5]
-        return dict(query=query, key=key, value=value, mask=None, scale=scale, is_causal=True, layer=layer)
-    args = list(node.args) + [None] * 8
-    query, key, value = args[:3]
-    mask = node.kwargs.get("attn_mask", args[3])
-    is_causal = bool(node.kwargs.get("is_causal", args[5] or False))
-    head_dim = tensor_meta(query).shape[-1] if tensor_meta(query) is not None else None
-    scale = node.kwargs.get("scale", args[6])
-    if scale is None and head_dim is not None:
-        scale = float(head_dim) ** -0.5
-    return dict(query=query, key=key, value=value, mask=mask, scale=scale, is_causal=is_causal, layer=None)
+    """The node's arguments by role (from the op registry); the scale defaults to 1/sqrt(head_dim)."""
+    args = lookup_attention(node).args(node)
+    query = args["query"]
+    if args.get("scale") is None and tensor_meta(query) is not None:
+        args["scale"] = float(tensor_meta(query).shape[-1]) ** -0.5
+    return args
 
 
 def attention_site(node: fx.Node, order: int, outputs: set[fx.Node]) -> AttentionSite:
     """Describe one attention node: its inputs, heads, cache slots and layer."""
+    spec = lookup_attention(node)
     a = _attention_args(node)
     key, value = strip_head_repeat(a["key"]), strip_head_repeat(a["value"])
     layer_info = enclosing_layer(node)
-    layer = a["layer"] if a["layer"] is not None else (layer_info[0] if layer_info else order)
+    layer = a.get("layer") if a.get("layer") is not None else (layer_info[0] if layer_info else order)
     q, k = tensor_meta(a["query"]), tensor_meta(key)
+    extras = {role: a[role].name for role in spec.extra_roles() if isinstance(a.get(role), fx.Node)}
+    mask = a.get("mask")
     return AttentionSite(
         node=node.name,
-        op=OP_NAMES[node.target],
+        op=spec.name,
         layer=int(layer),
         module=innermost_module(node),
         query=a["query"].name,
         key=key.name,
         value=value.name,
-        mask=a["mask"].name if isinstance(a["mask"], fx.Node) else None,
-        scale=float(a["scale"]) if a["scale"] is not None else float("nan"),
-        is_causal=bool(a["is_causal"]),
+        mask=mask.name if isinstance(mask, fx.Node) else None,
+        scale=float(a["scale"]) if a.get("scale") is not None else float("nan"),
+        is_causal=bool(a.get("is_causal", spec.reads_runtime_cache)),
         num_heads=int(q.shape[1]) if q is not None else -1,
         num_kv_heads=int(k.shape[1]) if k is not None else -1,
         head_dim=int(q.shape[-1]) if q is not None else -1,
-        key_cache=_cache_slot(node, key, outputs),
-        value_cache=_cache_slot(node, value, outputs),
+        key_cache=_cache_slot(spec.reads_runtime_cache, key, outputs),
+        value_cache=_cache_slot(spec.reads_runtime_cache, value, outputs),
+        softcap=float(a["softcap"]) if a.get("softcap") is not None else None,
+        window=int(a["window"]) if a.get("window") else None,
+        extra_inputs=extras,
     )
 
 
-def _cache_slot(node: fx.Node, kv: fx.Node, outputs: set[fx.Node]) -> CacheSlot:
-    if node.target in RUNTIME_CACHE_OPS:
+def _cache_slot(reads_runtime_cache: bool, kv: fx.Node, outputs: set[fx.Node]) -> CacheSlot:
+    if reads_runtime_cache:
         return CacheSlot(past=RUNTIME_CACHE, new=kv.name, present=RUNTIME_CACHE)
     return match_cache_update(kv, outputs)
 
@@ -295,7 +280,7 @@ def _norm_kind(graph: fx.Graph, module: str) -> str | None:
 def find_sites(graph: fx.Graph) -> GraphSites:
     """All semantic sites of ``graph``, attention sites in layer order."""
     outputs = set(output_nodes(graph))
-    attention_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target in ATTENTION_TARGETS]
+    attention_nodes = [n for n in graph.nodes if lookup_attention(n) is not None]
     sites = GraphSites()
     sites.attention = sorted(
         (attention_site(n, i, outputs) for i, n in enumerate(attention_nodes)), key=lambda s: s.layer

@@ -6,7 +6,6 @@ from tokenpass.passes import (  # noqa: F401 - registration
     eliminate_noops,
     lower_kv_cache,
     select_logit_rows,
-    tidaldecode,
 )
 from tokenpass.passes.base import Miss, Pass, PassResult
 from tokenpass.passes.manager import PassManager

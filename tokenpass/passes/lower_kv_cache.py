@@ -8,30 +8,60 @@ Before (one layer of a captured decode step)::
 
 After::
 
-    out = tokenpass.cached_attention(q, k_new, v_new, 0.125, 0)   # stages k_new/v_new, reads the cache
+    out = tokenpass.cached_attention(q, k_new, v_new, 0.125, 0, softcap=None, window=0)
     # graph outputs k_new / v_new where it returned k / v; the cats and the mask are dead (dce)
 
-The runtime's cache keeps padding and causality itself (per-slot validity and positions), which is
-what lets eviction and selection passes change what attention reads without touching the mask code.
+The runtime's cache keeps padding, causality and sliding windows itself (per-slot validity and
+positions, the op's ``window``), which is what lets eviction and selection passes change what attention
+reads without touching the mask code. Dropping the mask is only exact if the mask computes what the
+runtime re-derives, so every site's mask is *checked* by running the graph on sample inputs longer
+than any window (``ir/masks.py``). Each layer's window comes from the capture's reading of the config.
+
+All or nothing: a graph is lowered only if every site can be; otherwise it is left as captured (and
+runs exactly, with its cache as explicit tensors) and the misses say which layer failed and why.
 Exact: the runtime runs the lowered step with the original's inputs and reproduces its outputs.
 """
 
 from __future__ import annotations
 
+from tokenpass.ir.capture import sample_inputs
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.masks import first_difference, node_values
+from tokenpass.ir.op_registry import lookup_attention
 from tokenpass.ir.ops import attention_op, cached_attention_op
 from tokenpass.ir.sites import AttentionSite
 from tokenpass.passes.base import Miss, Pass, PassResult
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node, replace_output
-from tokenpass.runtime.executor import run_with_explicit_past
+
+MASK_PROBE_PAST = 64  # past length of the mask probe: windows up to this size are checked exactly
 
 
-def _miss(site: AttentionSite) -> Miss | None:
+def cache_update_miss(site: AttentionSite) -> Miss | None:
     for name, slot in (("keys", site.key_cache), ("values", site.value_cache)):
         if slot.past is None or slot.present is None:
             return Miss(site.label, f"{name} cache update found", f"{name} are not cat(past input, new) returned by the graph")
     return None
+
+
+def mask_misses(graph: TokenGraph, sites: list[AttentionSite]) -> list[Miss]:
+    """Sites whose mask is not causal + padding (+ the layer's window) on sample inputs."""
+    spec = graph.spec
+    windows = [spec.window(site.layer) for site in sites]
+    past = min(MASK_PROBE_PAST, 2 * max(windows, default=0) + 4)
+    inputs = sample_inputs(spec, graph.phase, past=max(past, 3))
+    new = inputs[0].shape[1]
+    masks = node_values(graph.module(), inputs, [site.mask for site in sites if site.mask])
+    misses = []
+    for site, window in zip(sites, windows):
+        if site.mask is None:
+            if not site.is_causal and new > 1:
+                misses.append(Miss(site.label, "causal attention", "no mask and is_causal=False: bidirectional"))
+            continue
+        difference = first_difference(masks[site.mask], inputs[1], new, window)
+        if difference is not None:
+            misses.append(Miss(site.label, "mask is causal + padding" + (f" + window {window}" if window else ""), difference))
+    return misses
 
 
 @register
@@ -44,33 +74,52 @@ class LowerKVCache(Pass):
 
     def run(self, graph: TokenGraph) -> PassResult:
         result = PassResult(self.name, graph)
-        window = graph.spec.sliding_window if graph.spec else None
-        if window is not None:
-            result.applicable = False
-            result.misses.append(Miss(graph.label, "full attention", f"sliding-window attention (window {window}) "
-                                      "is not supported by the runtime cache yet"))
+        sites = graph.sites().attention
+        todo = [site for site in sites if graph.node(site.node).target != cached_attention_op]
+        result.counts["already_lowered"] = len(sites) - len(todo)
+        if not sites:
+            result.misses.append(Miss(graph.label, "attention sites", "the graph has no attention to lower"))
             return result
-        for site in graph.sites().attention:
-            node = graph.node(site.node)
-            if node.target == cached_attention_op:
-                result.counts["already_lowered"] += 1
-                continue
-            if node.target != attention_op:
-                result.misses.append(Miss(site.label, "canonical attention",
-                                          f"op is {site.op}; run canonicalize_attention first"))
-                continue
-            miss = _miss(site)
-            if miss is not None:
-                result.misses.append(miss)
-                continue
-            k_new, v_new = graph.node(site.key_cache.new), graph.node(site.value_cache.new)
-            replace_output(graph, graph.node(site.key_cache.present), k_new)
-            replace_output(graph, graph.node(site.value_cache.present), v_new)
-            query = graph.node(site.query)
-            new = replace_node(graph, node, cached_attention_op, (query, k_new, v_new, site.scale, site.layer), self.name)
-            result.replaced[node.name] = new.name
-            result.counts["attention_on_runtime_cache"] += 1
+        result.misses = self._misses(graph, todo)
+        if result.misses:  # all or nothing: a partly lowered graph cannot run on either cache
+            return result
+        for site in todo:
+            self._lower(graph, site, result)
         result.modified = bool(result.replaced)
-        if result.modified or result.counts["already_lowered"]:
-            graph.runner = run_with_explicit_past
         return result
+
+    def _misses(self, graph: TokenGraph, sites: list[AttentionSite]) -> list[Miss]:
+        misses = []
+        for site in sites:
+            if graph.node(site.node).target != attention_op:
+                misses.append(Miss(site.label, "canonical attention", f"op is {site.op}; run canonicalize_attention first"))
+                continue
+            miss = cache_update_miss(site)
+            if miss is not None:
+                misses.append(miss)
+        if misses or not sites or graph.spec is None:
+            return misses
+        return mask_misses(graph, sites)
+
+    def _lower(self, graph: TokenGraph, site: AttentionSite, result: PassResult) -> None:
+        node = graph.node(site.node)
+        k_new, v_new = graph.node(site.key_cache.new), graph.node(site.value_cache.new)
+        replace_output(graph, graph.node(site.key_cache.present), k_new)
+        replace_output(graph, graph.node(site.value_cache.present), v_new)
+        window = graph.spec.window(site.layer) if graph.spec else 0
+        args = (graph.node(site.query), k_new, v_new, site.scale, site.layer, site.softcap, window)
+        new = replace_node(graph, node, cached_attention_op, args, self.name)
+        result.replaced[node.name] = new.name
+        result.counts["attention_on_runtime_cache"] += 1
+        if window:
+            result.counts["sliding_window_layers"] += 1
+        if site.softcap is not None:
+            result.counts["softcap_layers"] += 1
+
+    def ensures(self, graph: TokenGraph) -> list[Miss]:
+        """Every attention site reads the runtime cache (a graph with none, or some, is not lowered)."""
+        sites = graph.sites().attention
+        left = [s for s in sites if not lookup_attention(graph.node(s.node)).reads_runtime_cache]
+        if not sites:
+            return [Miss(graph.label, "attention on the runtime cache", "the graph has no attention sites")]
+        return [Miss(s.label, "attention on the runtime cache", f"still {s.op}") for s in left]

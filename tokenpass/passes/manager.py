@@ -11,6 +11,7 @@ from tokenpass.ir.capture import sample_inputs
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.passes.base import Pass, PassResult
 from tokenpass.passes.registry import make_pass, providers
+from tokenpass.runtime.executor import run_captured
 
 # Exact passes are exact in real arithmetic; float reassociation (another kernel, another summation
 # order) may move outputs by a few ulps per layer, so the bound scales with the output's magnitude.
@@ -47,6 +48,10 @@ class PassManager:
         self.check_order(graph.properties)
         results: list[PassResult] = []
         for p in self.passes:
+            unmet = self._unmet_requirement(p, graph, results)
+            if unmet is not None:
+                results.append(PassResult(p.name, graph, applicable=False, skipped=unmet))
+                continue
             reference = self._reference_outputs(graph) if self.verify and p.exact else None
             try:
                 result = p(graph)
@@ -57,6 +62,15 @@ class PassManager:
             results.append(result)
         return results
 
+    def _unmet_requirement(self, p: Pass, graph: TokenGraph, results: list[PassResult]) -> str | None:
+        """Why ``p`` cannot run: a required property an earlier pass declares but did not grant here."""
+        missing = sorted(p.requires - graph.properties)
+        if not missing:
+            return None
+        why = [f"{r.pass_name} did not provide it: {r.failure()}" for q, r in zip(self.passes, results)
+               if set(missing) & q.provides and r.failure()]
+        return f"requires {', '.join(missing)}; " + ("; ".join(why) or "no earlier pass provided it on this graph")
+
     @staticmethod
     def _after(results: list[PassResult]) -> str:
         return f" (after {', '.join(r.pass_name for r in results)})" if results else " (first pass)"
@@ -66,7 +80,7 @@ class PassManager:
         if graph.spec is None or graph.phase is None:
             return None
         inputs = sample_inputs(graph.spec, graph.phase)
-        return inputs, graph.run(*inputs)
+        return inputs, run_captured(graph, inputs)
 
     def _verify(self, p: Pass, graph: TokenGraph, reference, results: list[PassResult]) -> None:
         try:
@@ -76,7 +90,7 @@ class PassManager:
         if reference is None:
             return
         inputs, expected = reference
-        got = graph.run(*inputs)
+        got = run_captured(graph, inputs)
         for index, (a, b) in enumerate(zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got))):
             if a.shape != b.shape:
                 raise PassError(f"exact pass '{p.name}' changed output {index} of {graph.label}{self._after(results)}"

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-import tokenpass.runtime.ops  # noqa: F401 - implements the runtime ops the lowered graphs call
+import tokenpass.runtime.ops  # noqa: F401 - implements the core runtime ops the lowered graphs call
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.requests import merge_slot_states
 from tokenpass.runtime.context import using_cache
 from tokenpass.runtime.kv_cache import KVCache
 
 
-def new_cache(graph: TokenGraph, batch: int, capacity: int = 64, budget: int | None = None) -> KVCache:
-    spec = graph.spec
+def new_cache(graphs: Mapping[str, TokenGraph], batch: int, capacity: int = 64, budget: int | None = None) -> KVCache:
+    """An empty cache for ``graphs`` (one model's phases): their layout, and every per-slot state they declare."""
+    spec = next(iter(graphs.values())).spec
+    states = merge_slot_states([state for graph in graphs.values() for state in graph.slot_states])
     return KVCache(spec.num_layers, batch, spec.num_kv_heads, spec.head_dim, spec.dtype, capacity=capacity,
-                   budget=budget, max_positions=spec.max_positions)
+                   budget=budget, max_positions=spec.max_positions, slot_states=states)
 
 
 def run_step(
@@ -41,17 +46,20 @@ def run_step(
     return outputs[0]
 
 
-def run_with_explicit_past(graph: TokenGraph, inputs: tuple) -> tuple:
-    """Run a lowered graph on the captured step's inputs and return the captured step's outputs.
+def run_captured(graph: TokenGraph, inputs: tuple) -> tuple:
+    """Run ``graph`` on the captured step's inputs and return the captured step's outputs.
 
-    Used to verify lowering: the past tensors are loaded into a fresh cache, and the cache contents
-    after the step stand in for the ``present`` outputs (past ++ new) of the original graph.
+    Graphs whose attention reads the runtime cache run through a fresh cache loaded with the past
+    tensors, the cache contents after the step standing in for the ``present`` outputs (past ++ new);
+    others run as they are. This is how exact passes are verified, lowering included.
     """
+    if not graph.reads_runtime_cache():
+        return graph(*inputs)
     input_ids, attention_mask, position_ids, past_keys, past_values = inputs
     past = past_keys[0].shape[2]
-    cache = new_cache(graph, input_ids.shape[0], capacity=past + input_ids.shape[1])
-    if past:
-        cache.begin_step(torch.zeros_like(attention_mask[:, :past]), attention_mask[:, :past])
+    cache = new_cache({graph.phase or "step": graph}, input_ids.shape[0], capacity=past + input_ids.shape[1])
+    if past:  # past slots keep the positions their keys were encoded at (windows compare positions)
+        cache.begin_step((attention_mask[:, :past].long().cumsum(-1) - 1).clamp(min=0), attention_mask[:, :past])
         for layer, (k, v) in enumerate(zip(past_keys, past_values)):
             cache.stage(layer, k, v)
         cache.commit()

@@ -54,8 +54,7 @@ class Sampling:
 
 
 def generate_tokens(
-    model,
-    cache,
+    session,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
@@ -64,7 +63,8 @@ def generate_tokens(
     pad_token_id: int | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Prefill the prompt, then feed back the chosen token up to ``max_new_tokens`` times.
+    """Prefill the prompt, then feed back the chosen token up to ``max_new_tokens`` times (``session``: a
+    ``runtime.session.Session`` or ``ExplicitSession``, whose policies run after every step).
 
     Sequences that emitted ``eos_token_id`` keep emitting ``pad_token_id`` (default: the EOS id) and the
     loop stops once all have, as HF does, so the output stays one rectangular tensor.
@@ -74,11 +74,8 @@ def generate_tokens(
     tokens, new_ids, valid = input_ids, input_ids, attention_mask
     finished = torch.zeros(batch, dtype=torch.bool)
     pad = pad_token_id if pad_token_id is not None else eos_token_id
-    corrector = Corrector(model, cache)
     for _ in range(max_new_tokens):
-        logits = model.step(cache, new_ids, valid, positions, last_only=True)
-        if new_ids.shape[1] == 1:
-            corrector.decoded(new_ids, positions)
+        logits = session.step(new_ids, valid, positions, last_only=True)
         next_ids = sampling.choose(logits[:, -1, :])
         if eos_token_id is not None:
             next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
@@ -91,23 +88,3 @@ def generate_tokens(
         if eos_token_id is not None and bool(finished.all()):
             break
     return tokens
-
-
-class Corrector:
-    """Re-encodes sparsely decoded tokens densely every ``model.correction_interval`` decode steps."""
-
-    def __init__(self, model, cache):
-        self.model, self.cache = model, cache
-        self.interval = getattr(model, "correction_interval", None)
-        self.ids: list[torch.Tensor] = []
-        self.positions: list[torch.Tensor] = []
-
-    def decoded(self, ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """Record one decode step's token; once ``interval`` are pending, re-encode them."""
-        if not self.interval:
-            return
-        self.ids.append(ids)
-        self.positions.append(positions)
-        if len(self.ids) == self.interval:
-            self.model.reencode(self.cache, torch.cat(self.ids, 1), torch.cat(self.positions, 1))
-            self.ids, self.positions = [], []

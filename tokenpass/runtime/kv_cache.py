@@ -9,20 +9,23 @@ memory shrinks) while keys keep their original rotary positions.
 Layout per layer: ``keys``/``values`` ``[B, H_kv, capacity, D]``, ``positions`` ``[B, H_kv, capacity]``
 (int64, -1 when empty) and ``valid`` ``[B, H_kv, capacity]`` (bool: False for left padding, evicted
 slots and unused capacity). All heads of a layer share one slot count ``length``; a head that keeps
-fewer tokens marks the rest invalid. A layer may also hold ``score_keys``: a channel-major
-(``[B, H_kv, D, capacity]``) copy of its keys, optionally in a narrower dtype, that selection ops rank
-with, so that ranking reads a few channels of every key as contiguous rows.
-It is created on first request and written by every ``stage``; compaction and growth drop it and the
-next request rebuilds it.
+fewer tokens marks the rest invalid.
+
+Methods may declare per-slot *states* (``tokenpass.ir.requests.SlotState``): extra tensors with one
+entry per slot, such as a channel-major copy of the keys to rank with, or accumulated attention scores
+to evict by. The cache allocates them with the layer, writes their staged slots, carries them through
+growth, compaction (``keep``) and rewinds, and counts their bytes, without knowing what they mean.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from tokenpass.errors import TokenpassError
+from tokenpass.ir.requests import SlotState
 
 _MIN_CAPACITY = 64
 
@@ -34,37 +37,36 @@ class LayerCache:
     positions: torch.Tensor
     valid: torch.Tensor
     length: int = 0  # committed slots
-    score_keys: torch.Tensor | None = None  # ``keys`` for ranking, channel-major [B, H, D, capacity]
+    states: dict[str, torch.Tensor] = field(default_factory=dict)  # declared per-slot states
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
 
     def nbytes(self) -> int:
-        buffers = (self.keys, self.values, self.positions, self.valid, self.score_keys)
-        return sum(t.numel() * t.element_size() for t in buffers if t is not None)
+        buffers = (self.keys, self.values, self.positions, self.valid, *self.states.values())
+        return sum(t.numel() * t.element_size() for t in buffers)
 
 
-def _empty_layer(batch: int, heads: int, capacity: int, head_dim: int, dtype, device) -> LayerCache:
+def _state_tensor(spec: SlotState, batch: int, heads: int, capacity: int, dtype, device) -> torch.Tensor:
+    shape = (batch, heads, capacity, *spec.trailing) if spec.layout == "slot_major" else (batch, heads, *spec.trailing, capacity)
+    return torch.full(shape, spec.fill, dtype=spec.torch_dtype(dtype), device=device)
+
+
+def _empty_layer(batch: int, heads: int, capacity: int, head_dim: int, dtype, device,
+                 states: tuple[SlotState, ...] = ()) -> LayerCache:
     return LayerCache(
         keys=torch.zeros((batch, heads, capacity, head_dim), dtype=dtype, device=device),
         values=torch.zeros((batch, heads, capacity, head_dim), dtype=dtype, device=device),
         positions=torch.full((batch, heads, capacity), -1, dtype=torch.long, device=device),
         valid=torch.zeros((batch, heads, capacity), dtype=torch.bool, device=device),
+        states={spec.name: _state_tensor(spec, batch, heads, capacity, dtype, device) for spec in states},
     )
 
 
-def _resized(layer: LayerCache, capacity: int) -> LayerCache:
-    """A copy of ``layer`` with ``capacity`` slots (the first ``length`` slots carried over)."""
-    b, h, _, d = layer.keys.shape
-    new = _empty_layer(b, h, capacity, d, layer.keys.dtype, layer.keys.device)
-    n = layer.length
-    new.keys[:, :, :n] = layer.keys[:, :, :n]
-    new.values[:, :, :n] = layer.values[:, :, :n]
-    new.positions[:, :, :n] = layer.positions[:, :, :n]
-    new.valid[:, :, :n] = layer.valid[:, :, :n]
-    new.length = n
-    return new
+def _slots(tensor: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
+    """A view of slots ``start:stop`` along ``axis``."""
+    return tensor.narrow(axis, start, stop - start)
 
 
 class KVCache:
@@ -81,18 +83,42 @@ class KVCache:
         capacity: int = _MIN_CAPACITY,
         budget: int | None = None,
         max_positions: int | None = None,
+        slot_states: Mapping[str, SlotState] | None = None,
     ):
         self.budget = None if budget is None else check_budget(budget, max_positions)
         if self.budget is not None:
             capacity = min(capacity, self.budget + _MIN_CAPACITY)
+        self.slot_states = dict(slot_states or {})
+        for spec in self.slot_states.values():
+            bad = [layer for layer in spec.layers if not 0 <= layer < num_layers]
+            if bad:
+                raise TokenpassError(f"slot state {spec.name!r} names layer {bad[0]}; the cache has {num_layers} layers")
         self.layers = [
-            _empty_layer(batch, num_kv_heads, capacity, head_dim, dtype, device) for _ in range(num_layers)
+            _empty_layer(batch, num_kv_heads, capacity, head_dim, dtype, device, self._states_of(layer))
+            for layer in range(num_layers)
         ]
         self.batch = batch
         self.step_positions: torch.Tensor | None = None  # [B, T] positions of the tokens being run
         self.step_valid: torch.Tensor | None = None  # [B, T] False for left padding
         self.all_valid = True  # no padding and no eviction so far: attention needs no mask in decode
         self.bytes_read = 0  # cache bytes the attention ops have read (their own accounting, all steps)
+
+    def _states_of(self, layer: int) -> tuple[SlotState, ...]:
+        return tuple(spec for spec in self.slot_states.values() if layer in spec.layers)
+
+    def _resized(self, index: int, capacity: int) -> LayerCache:
+        """A copy of layer ``index`` with ``capacity`` slots (the first ``length`` slots carried over)."""
+        layer = self.layers[index]
+        b, h, _, d = layer.keys.shape
+        new = _empty_layer(b, h, capacity, d, layer.keys.dtype, layer.keys.device, self._states_of(index))
+        n = layer.length
+        for name in ("keys", "values", "positions", "valid"):
+            getattr(new, name)[:, :, :n] = getattr(layer, name)[:, :, :n]
+        for spec in self._states_of(index):
+            _slots(new.states[spec.name], spec.slot_axis, 0, n).copy_(_slots(layer.states[spec.name], spec.slot_axis, 0, n))
+        new.length = n
+        return new
+
 
     # --- one step -------------------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor, token_valid: torch.Tensor) -> None:
@@ -105,7 +131,7 @@ class KVCache:
             # Grow by a quarter (amortised O(1) appends without doubling a large cache's memory); callers
             # that know the final length reserve it up front instead.
             capacity = max(needed, self.layers[0].capacity + max(_MIN_CAPACITY, self.layers[0].capacity // 4))
-            self.layers = [_resized(layer, capacity) for layer in self.layers]
+            self.layers = [self._resized(index, capacity) for index in range(len(self.layers))]
 
     def stage(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> LayerCache:
         """Write the step's new ``[B, H, T, D]`` keys/values after the committed slots of ``layer``."""
@@ -115,19 +141,27 @@ class KVCache:
         cache.values[:, :, start : start + t] = values
         cache.positions[:, :, start : start + t] = self.step_positions[:, None, :]
         cache.valid[:, :, start : start + t] = self.step_valid[:, None, :]
-        if cache.score_keys is not None:
-            cache.score_keys[:, :, :, start : start + t] = keys.transpose(-1, -2)
+        for spec in self._states_of(layer):
+            self._stage_state(spec, cache.states[spec.name], start, keys, values)
         return cache
 
-    def score_keys(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        """``layer``'s keys in ``dtype``, channel-major ``[B, H, D, capacity]`` (slots staged so far
-        included), kept in step by ``stage``. Built on first request: one conversion per layer."""
-        cache = self.layers[layer]
-        if cache.score_keys is None or cache.score_keys.dtype != dtype:
-            b, h, capacity, d = cache.keys.shape
-            cache.score_keys = torch.empty((b, h, d, capacity), dtype=dtype, device=cache.keys.device)
-            cache.score_keys.copy_(cache.keys.transpose(-1, -2))
-        return cache.score_keys
+    @staticmethod
+    def _stage_state(spec: SlotState, state: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the staged slots of a declared state: a copy of the new keys/values, or its fill value."""
+        target = _slots(state, spec.slot_axis, start, start + keys.shape[2])
+        if spec.source is None:
+            target.fill_(spec.fill)
+            return
+        source = keys if spec.source == "keys" else values
+        target.copy_(source.transpose(-1, -2) if spec.layout == "channel_major" else source)
+
+    def state(self, layer: int, name: str) -> torch.Tensor:
+        """Layer ``layer``'s declared per-slot state ``name`` (all capacity; slots staged so far are written)."""
+        states = self.layers[layer].states
+        if name not in states:
+            declared = ", ".join(sorted(self.slot_states)) or "none"
+            raise TokenpassError(f"layer {layer} of the KV cache keeps no state {name!r} (declared: {declared})")
+        return states[name]
 
     def commit(self) -> None:
         t = self.step_positions.shape[1]
@@ -147,18 +181,19 @@ class KVCache:
     def keep(self, layer: int, slots: torch.Tensor, shrink: bool = True) -> None:
         """Keep only ``slots`` ``[B, H, n]`` (slot indices, per sequence and head) of ``layer``, compacted.
 
-        Kept slots move to the front in the given order; ``shrink`` reallocates the buffers to ``n`` slots
-        plus headroom so the memory is really returned.
+        Kept slots move to the front in the given order, declared states with them; ``shrink``
+        reallocates the buffers to ``n`` slots plus headroom so the memory is really returned.
         """
         cache = self.layers[layer]
         n = slots.shape[-1]
         index = slots.unsqueeze(-1).expand(-1, -1, -1, cache.keys.shape[-1])
-        keys, values = cache.keys.gather(2, index), cache.values.gather(2, index)
-        positions, valid = cache.positions.gather(2, slots), cache.valid.gather(2, slots)
         capacity = max(n + _MIN_CAPACITY, _MIN_CAPACITY) if shrink else cache.capacity
-        new = _empty_layer(*keys.shape[:2], capacity, keys.shape[-1], keys.dtype, keys.device)
-        new.keys[:, :, :n], new.values[:, :, :n] = keys, values
-        new.positions[:, :, :n], new.valid[:, :, :n] = positions, valid
+        specs = self._states_of(layer)
+        new = _empty_layer(*cache.keys.shape[:2], capacity, cache.keys.shape[-1], cache.keys.dtype, cache.keys.device, specs)
+        new.keys[:, :, :n], new.values[:, :, :n] = cache.keys.gather(2, index), cache.values.gather(2, index)
+        new.positions[:, :, :n], new.valid[:, :, :n] = cache.positions.gather(2, slots), cache.valid.gather(2, slots)
+        for spec in specs:
+            _slots(new.states[spec.name], spec.slot_axis, 0, n).copy_(_gather_slots(cache.states[spec.name], spec, slots))
         new.length = n
         self.layers[layer] = new
         self.all_valid = False
@@ -194,6 +229,16 @@ class KVCache:
     def live_tokens(self) -> int:
         """Live (valid) key slots summed over layers, sequences and heads."""
         return int(sum(int(layer.valid[:, :, : layer.length].sum()) for layer in self.layers))
+
+
+def _gather_slots(state: torch.Tensor, spec: SlotState, slots: torch.Tensor) -> torch.Tensor:
+    """``state``'s entries at ``slots`` ``[B, H, n]`` along its slot axis."""
+    b, h, n = slots.shape
+    if spec.layout == "slot_major":
+        index = slots.view(b, h, n, *([1] * len(spec.trailing))).expand(b, h, n, *spec.trailing)
+    else:
+        index = slots.view(b, h, *([1] * len(spec.trailing)), n).expand(b, h, *spec.trailing, n)
+    return state.gather(spec.slot_axis, index)
 
 
 def check_budget(budget: int, max_positions: int | None) -> int:

@@ -9,79 +9,43 @@ import torch
 from tokenpass.errors import TokenpassError
 from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
-from tokenpass.passes.base import PassResult
-from tokenpass.runtime.executor import new_cache, run_step
+from tokenpass.runtime.executor import new_cache
 from tokenpass.runtime.generate import Sampling, generate_tokens, positions_from_mask
-from tokenpass.runtime.kv_cache import KVCache
-
-
-class GraphCache:
-    """The cache of graphs that were not lowered: the captured step's own past/present tensors."""
-
-    def __init__(self, spec: ModelSpec, batch: int):
-        self.keys, self.values = spec.empty_cache(batch)
-        self.mask = torch.zeros((batch, 0), dtype=torch.long)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+from tokenpass.runtime.policy import build_policies
+from tokenpass.runtime.session import ExplicitSession, Session
 
 
 class OptimizedModel:
     """Runs the ``prefill`` graph for multi-token steps and the ``decode`` graph for one-token steps.
 
-    Lowered graphs (``lower_kv_cache``) attend over the runtime-owned ``KVCache``; graphs that were not
-    lowered carry their cache as explicit tensors (``GraphCache``). ``step`` hides the difference.
+    Lowered graphs (``lower_kv_cache``) attend over the runtime-owned ``KVCache`` with the per-slot
+    states and run-time policies their passes declared; graphs that were not lowered carry their cache
+    as explicit tensors. ``session`` hides the difference.
     """
 
-    def __init__(self, spec: ModelSpec, graphs: dict[str, TokenGraph], reports: dict[str, list[PassResult]]):
+    def __init__(self, spec: ModelSpec, graphs: dict[str, TokenGraph], reports: dict[str, list] | None = None):
         self.spec = spec
         self.graphs = graphs
-        self.reports = reports
-        self.lowered = all("runtime_kv_cache" in g.properties for g in graphs.values())
+        self.reports = reports or {}
+        lowered = {phase: graph.reads_runtime_cache() for phase, graph in graphs.items()}
+        if len(set(lowered.values())) > 1:
+            raise TokenpassError(
+                f"{spec.name}: the {', '.join(p for p, low in lowered.items() if low)} graph reads the runtime KV "
+                f"cache but the {', '.join(p for p, low in lowered.items() if not low)} graph does not; both "
+                "phases must be lowered alike (see the lower_kv_cache reports)"
+            )
+        self.lowered = all(lowered.values())
 
-    def new_cache(self, batch: int, capacity: int = 64, budget: int | None = None) -> KVCache | GraphCache:
-        """An empty cache for ``batch`` sequences; ``capacity`` reserves slots for the expected length;
-        ``budget`` caps the slots kept per sequence and head (older tokens are evicted)."""
+    def session(self, batch: int, capacity: int = 64, budget: int | None = None) -> Session | ExplicitSession:
+        """A fresh cache for ``batch`` sequences and the step loop over it; ``capacity`` reserves slots for
+        the expected length; ``budget`` caps the slots kept per sequence and head (older ones are evicted)."""
         if not self.lowered:
             if budget is not None:
-                raise TokenpassError("a KV budget needs the runtime cache: optimize(..., lower=True)")
-            return GraphCache(self.spec, batch)
-        return new_cache(self.graphs["decode"], batch, capacity, budget)
-
-    def step(
-        self,
-        cache: KVCache | GraphCache,
-        input_ids: torch.Tensor,
-        token_valid: torch.Tensor,
-        position_ids: torch.Tensor,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Run ``input_ids`` ``[B, T]`` on top of ``cache`` (extended in place); returns logits ``[B, T, V]``.
-
-        ``token_valid`` marks real tokens (False for left padding); ``position_ids`` are their positions.
-        ``last_only`` lets lowered graphs compute the last position's logits only (``[B, 1, V]``).
-        """
-        graph = self.graphs["decode" if input_ids.shape[1] == 1 else "prefill"]
-        if isinstance(cache, KVCache):
-            return run_step(graph, cache, input_ids, token_valid, position_ids, last_only)
-        cache.mask = torch.cat([cache.mask, token_valid.long()], dim=1)
-        with torch.no_grad():
-            logits, cache.keys, cache.values = graph(input_ids, cache.mask, position_ids, cache.keys, cache.values)
-        return logits
-
-    @property
-    def correction_interval(self) -> int | None:
-        """Decode steps between dense re-encodings of the sparsely decoded tokens (None: never)."""
-        return self.graphs["decode"].runtime_options.get("correction_interval")
-
-    def reencode(self, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
-        """Overwrite the cache entries of the last ``T`` tokens with those of a dense (prefill-graph) pass.
-
-        Sparse decode layers compute each new token's keys/values from an approximate context; running the
-        same tokens again through the dense prefill step bounds that drift (TidalDecode's cache correction).
-        """
-        cache.rewind(input_ids.shape[1])
-        run_step(self.graphs["prefill"], cache, input_ids, torch.ones_like(input_ids), position_ids, last_only=True)
+                raise TokenpassError("a KV budget needs the runtime cache, and this model's graphs were not lowered")
+            return ExplicitSession(self.graphs, self.spec, batch)
+        cache = new_cache(self.graphs, batch, capacity, budget)
+        policies = build_policies([p for graph in self.graphs.values() for p in graph.policies])
+        return Session(self.graphs, cache, policies)
 
     def __call__(
         self,
@@ -93,8 +57,8 @@ class OptimizedModel:
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        cache = self.new_cache(input_ids.shape[0], capacity=input_ids.shape[1])
-        return self.step(cache, input_ids, attention_mask, position_ids)
+        session = self.session(input_ids.shape[0], capacity=input_ids.shape[1])
+        return session.step(input_ids, attention_mask, position_ids)
 
     def generate(
         self,
@@ -127,9 +91,9 @@ class OptimizedModel:
                 f"{limit} positions"
             )
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, kv_budget)
+        session = self.session(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, kv_budget)
         return generate_tokens(
-            self, cache, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, streamer
+            session, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, streamer
         )
 
     def _check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):

@@ -40,31 +40,23 @@ The ``slots`` edges from selection to sparse layers are ordinary graph data edge
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 
 from tokenpass.errors import PassError
 from tokenpass.ir.graph import TokenGraph
-from tokenpass.ir.ops import cached_attention_op, selection_attention_op, sparse_attention_op
+from tokenpass.ir.ops import cached_attention_op
+from tokenpass.ir.requests import PolicySpec, SlotState
+from tokenpass.methods.tidaldecode.correction import POLICY as CORRECTION_POLICY
+from tokenpass.methods.tidaldecode.ops import SCORE_KEYS, selection_attention_op, sparse_attention_op
 from tokenpass.passes.base import Miss, Pass, PassResult
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node
 
 # The paper's scripts re-select at layer 13 of Llama-3-8B's 32 layers.
 PAPER_RESELECT_FRACTION = 13 / 32
-
-
-SCORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def score_dtype_option(value: str | None) -> torch.dtype | None:
-    """``bfloat16``/``float16``/``float32`` or ``None``/``"none"`` (the cache's own dtype)."""
-    if value is None or value == "none":
-        return None
-    if value not in SCORE_DTYPES:
-        raise PassError(f"tidaldecode: score_dtype {value!r} is not one of {', '.join(SCORE_DTYPES)} or none")
-    return SCORE_DTYPES[value]
 
 
 def paper_selection_layers(num_layers: int, sparse_start: int) -> list[int]:
@@ -91,58 +83,51 @@ def named_selection_layers(name: str, num_layers: int, sparse_start: int) -> lis
 
 
 @register
+@dataclass(repr=True)
 class TidalDecode(Pass):
-    name = "tidaldecode"
-    exact = False
-    requires = frozenset({"runtime_kv_cache"})
-    provides = frozenset({"sparse_attention"})
-    phases = ("decode",)
+    """Defaults: the configuration tuned on SmolLM2 (docs/benchmarks.md): re-select at every second layer,
+    one selection per KV head (its query heads vote), selection layers reading values only at their own
+    selection and ranking with a quarter of each key's channels. ``TidalDecode.paper()`` gives the paper's
+    configuration. ``score_dtype`` and ``score_fraction`` have no effect on dense selection layers
+    (``sparse_selection_output=False``): their attention pass yields exact scores. Sliding-window layers
+    stay windowed-dense: a window already bounds what they read."""
 
-    def __init__(
-        self,
-        top_k: int = 1024,
-        sparse_start: int = 2,
-        selection_layers: Sequence[int] | str = "every2",
-        per_kv_head: bool = True,
-        sparse_selection_output: bool = True,
-        correction_interval: int | None = None,
-        score_dtype: str | None = None,
-        score_fraction: float = 0.25,
-    ):
-        """Defaults: the configuration tuned on SmolLM2 (docs/benchmarks.md): re-select at every second
-        layer, one selection per KV head (its query heads vote), selection layers reading values only at
-        their own selection and ranking with a quarter of each key's channels. ``TidalDecode.paper()``
-        gives the paper's configuration. ``score_dtype`` and ``score_fraction`` have no effect on dense
-        selection layers (``sparse_selection_output=False``): their attention pass yields exact scores."""
-        if not isinstance(top_k, int) or top_k < 1:
-            raise PassError(f"tidaldecode: top_k must be a positive integer, got {top_k!r}")
-        if not isinstance(sparse_start, int) or sparse_start < 0:
-            raise PassError(f"tidaldecode: sparse_start must be a non-negative integer, got {sparse_start!r}")
-        if isinstance(selection_layers, int):
-            selection_layers = [selection_layers]
-        if isinstance(selection_layers, str):
-            check_set_name(selection_layers)
-        elif selection_layers is not None:
-            layers = list(selection_layers)
+    name: ClassVar[str] = "tidaldecode"
+    exact: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str]] = frozenset({"runtime_kv_cache"})
+    provides: ClassVar[frozenset[str]] = frozenset({"sparse_attention"})
+    phases: ClassVar[tuple[str, ...]] = ("decode",)
+
+    top_k: int = 1024
+    sparse_start: int = 2
+    selection_layers: list[int] | str = "every2"
+    per_kv_head: bool = True
+    sparse_selection_output: bool = True
+    correction_interval: int | None = None
+    score_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    score_fraction: float = 0.25
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise PassError(f"tidaldecode: top_k must be a positive integer, got {self.top_k!r}")
+        if self.sparse_start < 0:
+            raise PassError(f"tidaldecode: sparse_start must be a non-negative integer, got {self.sparse_start!r}")
+        if isinstance(self.selection_layers, str):
+            check_set_name(self.selection_layers)
+        else:
+            layers = list(self.selection_layers)
             if not layers or any(b <= a for a, b in zip(layers, layers[1:])):
                 raise PassError(f"tidaldecode: selection_layers must be a non-empty increasing list, got {layers}")
-            if layers[0] < sparse_start:
+            if layers[0] < self.sparse_start:
                 raise PassError(
-                    f"tidaldecode: selection layer {layers[0]} is below sparse_start={sparse_start}; "
+                    f"tidaldecode: selection layer {layers[0]} is below sparse_start={self.sparse_start}; "
                     "layers below sparse_start are dense"
                 )
-        if correction_interval is not None and (not isinstance(correction_interval, int) or correction_interval < 2):
-            raise PassError(f"tidaldecode: correction_interval must be an integer >= 2, got {correction_interval!r}")
-        self.correction_interval = correction_interval
-        self.score_dtype = score_dtype_option(score_dtype)
-        if not isinstance(score_fraction, (int, float)) or not 0 < score_fraction <= 1:
-            raise PassError(f"tidaldecode: score_fraction must be in (0, 1], got {score_fraction!r}")
-        self.score_fraction = float(score_fraction)
-        self.top_k = top_k
-        self.sparse_start = sparse_start
-        self.selection_layers = selection_layers if isinstance(selection_layers, str) else list(selection_layers)
-        self.per_kv_head = per_kv_head
-        self.sparse_selection_output = sparse_selection_output
+            self.selection_layers = layers
+        if self.correction_interval is not None and self.correction_interval < 2:
+            raise PassError(f"tidaldecode: correction_interval must be an integer >= 2, got {self.correction_interval!r}")
+        if not 0 < self.score_fraction <= 1:
+            raise PassError(f"tidaldecode: score_fraction must be in (0, 1], got {self.score_fraction!r}")
 
     @classmethod
     def paper(cls, top_k: int = 256, **options) -> "TidalDecode":
@@ -150,12 +135,6 @@ class TidalDecode(Pass):
         selection layers."""
         return cls(top_k=top_k, selection_layers="paper", per_kv_head=False, sparse_selection_output=False,
                    score_dtype=None, score_fraction=1.0, **options)
-
-    def __repr__(self) -> str:
-        return (f"TidalDecode(top_k={self.top_k}, sparse_start={self.sparse_start}, "
-                f"selection_layers={self.selection_layers}, per_kv_head={self.per_kv_head}, "
-                f"sparse_selection_output={self.sparse_selection_output}, correction_interval={self.correction_interval}, "
-                f"score_dtype={str(self.score_dtype).replace('torch.', '')}, score_fraction={self.score_fraction})")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The selection layers for a model of ``num_layers``; out-of-range choices are errors."""
@@ -172,36 +151,62 @@ class TidalDecode(Pass):
     def run(self, graph: TokenGraph) -> PassResult:
         result = PassResult(self.name, graph)
         sites = graph.sites().attention
-        ops = {graph.node(s.node).target for s in sites}
-        if ops & {selection_attention_op, sparse_attention_op}:
+        if any(graph.node(s.node).target in (selection_attention_op, sparse_attention_op) for s in sites):
             result.counts["already_applied"] = 1
             return result
-        selection = set(self.resolve_layers(len(sites)))
-        if self.sparse_start not in selection:
+        selection = self.placed_selection_layers(sites)
+        if self.sparse_start not in selection and not any(s.window for s in sites if s.layer == self.sparse_start):
             raise PassError(f"tidaldecode: layer sparse_start={self.sparse_start} must be a selection layer "
                             f"(got {sorted(selection)}): the first sparse layer needs a selection to read")
+        result.misses = [Miss(s.label, "attention on the runtime cache", f"op is {s.op}; run lower_kv_cache first")
+                         for s in sites if graph.node(s.node).target != cached_attention_op]
+        if result.misses:  # all or nothing: a half-rewritten stack would read selections that never ran
+            result.applicable = False
+            return result
         slots = None
         for site in sites:
             node = graph.node(site.node)
-            if site.layer < self.sparse_start:
-                result.counts["dense_layers"] += 1
+            if site.layer < self.sparse_start or site.window or slots is None and site.layer not in selection:
+                result.counts["windowed_dense_layers" if site.window else "dense_layers"] += 1
                 continue
-            if node.target != cached_attention_op:
-                result.misses.append(Miss(site.label, "attention on the runtime cache",
-                                          f"op is {site.op}; run lower_kv_cache first"))
-                return result
             args = (graph.node(site.query), graph.node(site.key), graph.node(site.value))
             if site.layer in selection:
-                slots = self._selection(graph, node, args, site.scale, site.layer, site.head_dim)
+                slots = self._selection(graph, node, args, site)
                 result.counts["selection_layers"] += 1
             else:
-                new = replace_node(graph, node, sparse_attention_op, (*args, slots, site.scale, site.layer), self.name)
+                new = replace_node(graph, node, sparse_attention_op,
+                                   (*args, slots, site.scale, site.layer, site.softcap), self.name)
                 result.replaced[node.name] = new.name
                 result.counts["sparse_layers"] += 1
         if self.correction_interval:
-            graph.runtime_options["correction_interval"] = self.correction_interval
+            graph.add_policy(PolicySpec.of(CORRECTION_POLICY, interval=self.correction_interval))
         result.modified = True
         return result
+
+    def placed_selection_layers(self, sites) -> set[int]:
+        """The selection layers, each windowed one moved up to the next full-attention layer (windowed
+        layers stay windowed-dense, and a selection must come from a layer that sees the whole cache)."""
+        windowed = {s.layer for s in sites if s.window}
+        full = sorted(s.layer for s in sites if not s.window)
+        placed = set()
+        for layer in self.resolve_layers(len(sites)):
+            if layer in windowed:
+                layer = next((f for f in full if f > layer), None)
+            if layer is not None:
+                placed.add(layer)
+        return placed
+
+    def ensures(self, graph: TokenGraph) -> list[Miss]:
+        """Sparse attention holds once some selection layer exists (tiny models may have no sparse layer)."""
+        if any(graph.node(s.node).target == selection_attention_op for s in graph.sites().attention):
+            return []
+        return [Miss(graph.label, "selection layer present", "no layer was rewritten into a selection layer")]
+
+    @staticmethod
+    def _state_layers(graph: TokenGraph, layer: int) -> tuple[int, ...]:
+        """The layers holding the ranking copy so far, plus ``layer`` (one state declaration covers all)."""
+        declared = next((s.layers for s in graph.slot_states if s.name == SCORE_KEYS), ())
+        return tuple(sorted({*declared, layer}))
 
     def ranking_options(self, head_dim: int) -> tuple[torch.dtype | None, int]:
         """The selection op's ``score_dtype`` and ``score_channels`` (0: all): ``score_fraction`` of
@@ -209,15 +214,23 @@ class TidalDecode(Pass):
         if not self.sparse_selection_output:
             return None, 0
         channels = max(1, round(self.score_fraction * head_dim))
-        return self.score_dtype, 0 if channels >= head_dim else channels
+        dtype = None if self.score_dtype is None else getattr(torch, self.score_dtype)
+        return dtype, 0 if channels >= head_dim else channels
 
-    def _selection(self, graph: TokenGraph, node, args, scale: float, layer: int, head_dim: int):
-        """Replace ``node`` by a selection op; its users read element 0, later layers element 1 (slots)."""
+    def _selection(self, graph: TokenGraph, node, args, site):
+        """Replace ``node`` by a selection op; its users read element 0, later layers element 1 (slots).
+        A ranking approximation is declared as the per-slot state the runtime cache keeps for it."""
+        score_dtype, channels = self.ranking_options(site.head_dim)
+        if score_dtype is not None or channels:
+            dtype = None if score_dtype is None else str(score_dtype).replace("torch.", "")
+            graph.declare_slot_state(SlotState(SCORE_KEYS, layers=self._state_layers(graph, site.layer),
+                                               trailing=(site.head_dim,), dtype=dtype, layout="channel_major",
+                                               source="keys"))
         with graph.graph.inserting_before(node):
             select = graph.graph.call_function(
                 selection_attention_op,
-                (*args, scale, layer, self.top_k, self.per_kv_head, self.sparse_selection_output,
-                 *self.ranking_options(head_dim)),
+                (*args, site.scale, site.layer, self.top_k, self.per_kv_head, self.sparse_selection_output,
+                 score_dtype, channels, site.softcap),
             )
             out = graph.graph.call_function(operator.getitem, (select, 0))
             slots = graph.graph.call_function(operator.getitem, (select, 1))

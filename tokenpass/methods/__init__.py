@@ -1,0 +1,6 @@
+"""Method passes, one package each (pass, ops, run-time policy); importing this registers them all.
+
+See docs/writing-a-method.md for what a method adds, file by file.
+"""
+
+from tokenpass.methods import tidaldecode  # noqa: F401 - registration

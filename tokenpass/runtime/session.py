@@ -1,0 +1,75 @@
+"""A generation session: one batch's cache, the graphs that run on it, and the policies between steps.
+
+This is the one step loop of the runtime: ``generate``, the bench's teacher-forced loop and anything
+else that feeds tokens step by step call ``Session.step``, so whatever a method does between steps
+(declared as policies on its graphs) happens in every caller alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from tokenpass.ir.capture import ModelSpec
+from tokenpass.ir.graph import TokenGraph
+from tokenpass.runtime.executor import run_step
+from tokenpass.runtime.kv_cache import KVCache
+from tokenpass.runtime.policy import Policy, Step
+
+
+def phase_of(input_ids: torch.Tensor) -> str:
+    """One-token steps run the decode graph, longer ones the prefill graph."""
+    return "decode" if input_ids.shape[1] == 1 else "prefill"
+
+
+class Session:
+    """Steps over the runtime-owned ``KVCache`` (graphs lowered by ``lower_kv_cache``)."""
+
+    def __init__(self, graphs: Mapping[str, TokenGraph], cache: KVCache, policies: list[Policy]):
+        self.graphs, self.cache, self.policies = graphs, cache, policies
+
+    def step(self, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor,
+             last_only: bool = False) -> torch.Tensor:
+        """Run ``input_ids`` ``[B, T]`` on top of the cache (extended in place), then every policy;
+        returns logits ``[B, T, V]`` (``[B, 1, V]`` with ``last_only`` when the graph allows it)."""
+        phase = phase_of(input_ids)
+        logits = self.run(phase, input_ids, token_valid, position_ids, last_only)
+        step = Step(phase, input_ids, token_valid, position_ids)
+        for policy in self.policies:
+            policy.after_step(self, step)
+        return logits
+
+    def run(self, phase: str, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor,
+            last_only: bool = False) -> torch.Tensor:
+        """One step of ``phase``'s graph without policies (what policies themselves call)."""
+        return run_step(self.graphs[phase], self.cache, input_ids, token_valid, position_ids, last_only)
+
+
+class GraphCache:
+    """The cache of graphs that were not lowered: the captured step's own past/present tensors."""
+
+    def __init__(self, spec: ModelSpec, batch: int):
+        self.keys, self.values = spec.empty_cache(batch)
+        self.mask = torch.zeros((batch, 0), dtype=torch.long)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class ExplicitSession:
+    """Steps over graphs that carry their cache as explicit past/present tensors (not lowered)."""
+
+    policies: list[Policy] = []
+
+    def __init__(self, graphs: Mapping[str, TokenGraph], spec: ModelSpec, batch: int):
+        self.graphs, self.cache = graphs, GraphCache(spec, batch)
+
+    def step(self, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor,
+             last_only: bool = False) -> torch.Tensor:
+        cache = self.cache
+        cache.mask = torch.cat([cache.mask, token_valid.long()], dim=1)
+        graph = self.graphs[phase_of(input_ids)]
+        with torch.no_grad():
+            logits, cache.keys, cache.values = graph(input_ids, cache.mask, position_ids, cache.keys, cache.values)
+        return logits
