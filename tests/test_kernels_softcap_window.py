@@ -70,7 +70,10 @@ def naive_attention(query, keys, values, visible, scale: float, softcap):
 
 
 def cache_inputs(dtype, new_tokens: int, past: int, per_head: bool, seed: int = 0, batch: int = 2):
-    """A GQA step (Hq=4, Hkv=2): row 0 left-padded by 3 slots; ``per_head`` also gives KV head 1 of row 1
+    """A GQA step (Hq=4, Hkv=2) over ``past + new_tokens`` slots.
+
+    Row 0 is left-padded by 3 slots; when the step starts the sequence those are padding queries whose own
+    slot is dead, so only the own-slot rule keeps their rows finite. ``per_head`` gives KV head 1 of row 1
     its own layout, as per-head eviction with slot reuse leaves it: past positions out of slot order, and
     two dead slots.
 
@@ -81,7 +84,7 @@ def cache_inputs(dtype, new_tokens: int, past: int, per_head: bool, seed: int = 
     q = 3 * torch.randn(batch, 4, new_tokens, 16, generator=g)
     k = torch.randn(batch, 2, slots + 3, 16, generator=g)[:, :, :slots]  # views into bigger buffers
     v = torch.randn(batch, 2, slots + 3, 16, generator=g)[:, :, :slots]
-    pad = 3 if past >= 3 else 0
+    pad = 3
     valid = torch.ones(batch, 2, slots, dtype=torch.bool)
     valid[0, :, :pad] = False
     positions = torch.arange(slots).expand(batch, 2, slots).clone()
