@@ -1,4 +1,10 @@
-"""Exact torch reference of attention over a runtime KV cache (the CPU path and the kernels' oracle)."""
+"""Exact torch reference of attention over a runtime KV cache (the CPU path and the kernels' oracle).
+
+Besides plain causal attention it supports two per-layer model features: attention-logit soft-capping
+(Gemma 2: ``s = softcap * tanh(s / softcap)`` after the scale, before masking and softmax) and sliding
+windows (a query at position ``p`` sees a slot holding position ``q`` only if ``p - q < window``).
+Positions are per slot because eviction can leave a head's slots out of position order.
+"""
 
 from __future__ import annotations
 
@@ -42,10 +48,146 @@ def grouped_attention(
     return out.reshape(b, hq, t, values.shape[-1])
 
 
+def check_softcap(softcap: float | None) -> None:
+    """Reject a non-positive cap: ``tanh(s / 0)`` is NaN, and a negative cap flips the ranking of scores."""
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+
+
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """``softcap * tanh(scores / softcap)``: squashes scaled scores into ``(-softcap, softcap)``; None: as is."""
+    if softcap is None:
+        return scores
+    return softcap * torch.tanh(scores / softcap)
+
+
+def in_window(slot_positions: torch.Tensor, query_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """``[B, Hkv, T, S]``: slot ``j`` lies within query ``i``'s window (``p_i - q_j < window``).
+
+    Only the distance back is checked here; causality (by slot order) and liveness are separate rules.
+    """
+    return (query_positions[:, None, :, None] - slot_positions[:, :, None, :]) < window
+
+
+def window_valid(
+    valid: torch.Tensor | None, slot_positions: torch.Tensor, query_positions: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Decode's sliding window folded into slot validity: ``[B, Hkv, S]`` bool.
+
+    With one query token every rule is per slot, so the window is just more dead slots and the decode
+    kernels need no window support: the runtime passes this as their ``valid``. The last slot (the step's
+    own token) stays visible, as ``step_mask`` makes it. ``query_positions`` is ``[B, 1]``.
+    """
+    if query_positions.shape[-1] != 1:
+        raise ValueError(f"window_valid folds one query token per sequence, got {query_positions.shape[-1]}")
+    live = in_window(slot_positions, query_positions, window)[:, :, 0]
+    if valid is not None:
+        live = live & valid
+    live[..., -1] = True
+    return live
+
+
+def windowed_step_mask(
+    valid: torch.Tensor | None, slot_positions: torch.Tensor, query_positions: torch.Tensor, window: int
+) -> torch.Tensor:
+    """``[B, H, T, S]`` visibility under a sliding window: ``step_mask``'s rules and ``in_window``.
+
+    ``H`` is that of ``slot_positions`` (and ``valid``), so passing head 0 of both gives one mask shared
+    by every head. Each query still sees its own slot (no empty row, hence no NaN, for padding queries).
+    """
+    t, s = query_positions.shape[-1], slot_positions.shape[-1]
+    query_slot = torch.arange(s - t, s, device=slot_positions.device)
+    slot = torch.arange(s, device=slot_positions.device)
+    causal = slot[None, :] <= query_slot[:, None]  # [T, S]
+    live = causal & in_window(slot_positions, query_positions, window)
+    if valid is not None:
+        live = live & valid[:, :, None, :]
+    return live | (slot[None, :] == query_slot[:, None])
+
+
+def softcapped_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """``[B,Hq,T,D]`` over ``[B,Hkv,S,D]`` with capped scores, which SDPA cannot apply, so written out.
+
+    Like SDPA on these dtypes: inputs upcast to fp32, softmax in fp32, output cast to the query dtype.
+    The ``G`` query heads of a KV head are folded into the query axis (no repeated KV heads). ``mask``
+    is ``[B or 1, Hkv or 1, T, S]`` (True: visible) and broadcasts over the group; every row must keep
+    one visible slot. The ``[B, Hq, T, S]`` fp32 scores are materialised: this is a reference.
+    """
+    b, hq, t, d = query.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    group = hq // hkv
+    q = query.reshape(b, hkv, group * t, d).float()
+    scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap)
+    if mask is not None:
+        scores = scores.view(b, hkv, group, t, s).masked_fill(~mask[:, :, None], float("-inf"))
+        scores = scores.view(b, hkv, group * t, s)
+    out = torch.matmul(scores.softmax(-1), values.float())
+    return out.reshape(b, hq, t, values.shape[-1]).to(query.dtype)
+
+
+def _one_head_if_shared(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Head 0 of ``[B, H, ...]`` when every head holds the same values (no per-head eviction), else ``x``.
+
+    A mask built from one head costs ``1 / H`` of a per-head one and selects SDPA's shared-mask path.
+    """
+    if x is None or x.shape[1] == 1 or not bool((x == x[:, :1]).all()):
+        return x
+    return x[:, :1]
+
+
+def _visibility(
+    valid: torch.Tensor | None, new_tokens: int, slots: int, window: int | None,
+    slot_positions: torch.Tensor | None, query_positions: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The step's mask, ``[B, 1, T, S]`` when every head sees the same slots, else ``[B, Hkv, T, S]``."""
+    if window is None:
+        if valid is None or new_tokens == 1:
+            return step_mask(valid, new_tokens, slots)
+        return step_mask(_one_head_if_shared(valid), new_tokens, slots)
+    shared_valid, shared_positions = _one_head_if_shared(valid), _one_head_if_shared(slot_positions)
+    if (shared_valid is None or shared_valid.shape[1] == 1) and shared_positions.shape[1] == 1:
+        valid, slot_positions = shared_valid, shared_positions
+    return windowed_step_mask(valid, slot_positions, query_positions, window)
+
+
 def cache_attention_reference(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scale: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scale: float,
+    softcap: float | None = None, window: int | None = None, slot_positions: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the step's ``T`` queries over ``S`` cache slots, the last ``T`` being the step's own.
+
+    ``softcap`` caps the scaled scores (see ``soft_cap``); ``window`` limits each query to slots at most
+    ``window - 1`` positions back, which needs ``slot_positions`` ``[B, Hkv, S]`` and ``query_positions``
+    ``[B, T]`` (int64). Without them the call is exactly the plain path. A one-token step folds the window
+    into ``valid`` (``window_valid``), as the runtime does for the decode kernels.
+    """
+    check_softcap(softcap)
+    t, s = query.shape[2], keys.shape[2]
+    if window is not None:
+        if slot_positions is None or query_positions is None:
+            raise ValueError("a sliding window needs slot_positions and query_positions")
+        if t == 1:
+            valid, window = window_valid(valid, slot_positions, query_positions, window), None
+    if softcap is not None:
+        mask = _visibility(valid, t, s, window, slot_positions, query_positions)
+        return softcapped_attention(query, keys, values, mask, scale, softcap)
+    if window is None:
+        return _plain_cache_attention(query, keys, values, valid, scale)
+    mask = _visibility(valid, t, s, window, slot_positions, query_positions)
+    if mask.shape[1] != 1:
+        return grouped_attention(query, keys, values, mask, scale)
+    keys, values = expand_kv_heads(keys, query.shape[1]), expand_kv_heads(values, query.shape[1])
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+
+
+def _plain_cache_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Causal attention over live slots, neither capped nor windowed, dispatched to SDPA's cheapest path.
 
     Decode folds query groups (no KV copy). A multi-token step whose heads all see the same slots (no
     per-head eviction) uses one ``[B, 1, T, S]`` mask, or SDPA's causal kernel when nothing is masked,

@@ -3,7 +3,9 @@
 One program handles one (sequence, KV head) pair and one chunk of the cache for *all* query heads of
 that KV head's group, so each key/value block is read once per group rather than once per query head.
 Chunks give the GPU enough programs at batch 1; their partial (max, sum, output) triples are merged
-afterwards with the usual log-sum-exp rescaling. The exact torch reference is
+afterwards with the usual log-sum-exp rescaling. Scores can be soft-capped (Gemma 2's
+``softcap * tanh(s / softcap)``); a sliding window reaches the kernel folded into ``valid``
+(``cache_attention_ref.window_valid``). The exact torch reference is
 ``tokenpass.kernels.cache_attention_ref.cache_attention_reference``; tests run this kernel under
 ``TRITON_INTERPRET=1`` on CPU against it.
 """
@@ -14,6 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenpass.kernels.cache_attention_ref import check_softcap
+
+
+@triton.jit
+def capped(s, softcap):
+    """``softcap * tanh(s / softcap)``, with ``tanh(x) = 2 * sigmoid(2x) - 1``: ``tl`` has no portable tanh
+    (libdevice is CUDA-only, and the interpreter needs plain ``tl`` ops)."""
+    return softcap * (2.0 * tl.sigmoid(s * (2.0 / softcap)) - 1.0)
+
 
 @triton.jit
 def _decode_split_kernel(
@@ -23,8 +34,9 @@ def _decode_split_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mb, stride_mh, stride_ms, stride_mg,
     stride_valid_b, stride_valid_h, stride_valid_s,
-    slots, group, head_dim, chunk, scale,
+    slots, group, head_dim, chunk, scale, softcap,
     NUM_KV_HEADS: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -53,6 +65,8 @@ def _decode_split_kernel(
             s = tl.dot(q, k, input_precision="ieee") * scale
         else:
             s = tl.dot(q, k) * scale
+        if SOFTCAP:  # before masking, so dead slots stay at -inf
+            s = capped(s, softcap)
         keep = n_mask
         if HAS_VALID:
             live = tl.load(VALID + b * stride_valid_b + h * stride_valid_h + n * stride_valid_s, mask=n_mask, other=0)
@@ -104,12 +118,16 @@ def decode_attention(
     scale: float,
     block_n: int = 64,
     return_scores: bool = False,
+    softcap: float | None = None,
 ):
     """One query token per sequence ``[B, Hq, 1, D]`` over cache slots ``[B, Hkv, S, D]`` (any strides).
 
     ``return_scores`` also returns the scaled scores ``[B, Hkv, G, S]`` (dead slots at ``-inf``), written
-    in the same pass over the keys: what a selection layer's top-k needs.
+    in the same pass over the keys: what a selection layer's top-k needs. ``softcap`` caps the scaled
+    scores before masking and softmax; the returned scores are then the capped ones, which is what a
+    per-KV-head vote over probabilities needs.
     """
+    check_softcap(softcap)
     batch, heads, steps, head_dim = query.shape
     if steps != 1:
         raise ValueError(f"decode_attention takes one query token per sequence, got {steps}")
@@ -132,8 +150,9 @@ def decode_attention(
     _decode_split_kernel[(batch * kv_heads, splits)](
         q, keys, values, valid_arg, m, l, o, scores,
         *q.stride(), *keys.stride(), *values.stride(), *m.stride(), *valid_strides,
-        slots, group, head_dim, chunk, scale,
+        slots, group, head_dim, chunk, scale, float(softcap or 1.0),
         NUM_KV_HEADS=kv_heads, HAS_VALID=has_valid, IEEE=query.dtype == torch.float32, WRITE_SCORES=return_scores,
+        SOFTCAP=softcap is not None,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     out = merge_splits(m[..., :group], l[..., :group], o[..., :group, :head_dim])  # [B, Hkv, G, D]

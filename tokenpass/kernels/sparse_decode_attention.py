@@ -2,8 +2,9 @@
 
 One program per (sequence, query head) walks that head's selected slots (its own, or its KV head's when
 selection is shared per KV head), loads the keys and values at those slots straight from the cache
-buffer (no gathered copy), and runs an online softmax; the step's own slot is always attended. The
-exact torch reference is ``tokenpass.kernels.sparse_attention_ref.sparse_attention_reference``.
+buffer (no gathered copy), and runs an online softmax; the step's own slot is always attended. Scores
+can be soft-capped (Gemma 2); a sliding window arrives folded into ``valid``. The exact torch reference
+is ``tokenpass.kernels.sparse_attention_ref.sparse_attention_reference``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from tokenpass.kernels.cache_attention_ref import check_softcap
+from tokenpass.kernels.decode_attention import capped
 
 
 @triton.jit
@@ -22,8 +26,9 @@ def _sparse_decode_kernel(
     stride_valid_b, stride_valid_h, stride_valid_s,
     stride_sb, stride_sh, stride_sk,
     stride_ob, stride_oh, stride_od,
-    num_selected, current_slot, head_dim, group, slot_group, scale,
-    NUM_HEADS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_selected, current_slot, head_dim, group, slot_group, scale, softcap,
+    NUM_HEADS: tl.constexpr, HAS_VALID: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // NUM_HEADS
@@ -47,6 +52,8 @@ def _sparse_decode_kernel(
         k = tl.load(K + b * stride_kb + hkv * stride_kh + slot[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], 1) * scale
+        if SOFTCAP:  # before masking, so dead slots stay at -inf
+            s = capped(s, softcap)
         keep = n_mask
         if HAS_VALID:
             live = tl.load(VALID + b * stride_valid_b + hkv * stride_valid_h + slot * stride_valid_s, mask=n_mask, other=0)
@@ -72,11 +79,14 @@ def sparse_decode_attention(
     slots: torch.Tensor,
     scale: float,
     block_n: int = 64,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, 1, D]`` queries over their ``slots`` ``[B, Hsel, k]`` of ``[B, Hkv, S, D]`` cache slots.
 
-    The last slot (the step's own token) is always attended; ``Hsel`` is ``Hq`` or ``Hkv``.
+    The last slot (the step's own token) is always attended; ``Hsel`` is ``Hq`` or ``Hkv``. ``softcap``
+    caps the scaled scores before masking and softmax.
     """
+    check_softcap(softcap)
     batch, heads, _, head_dim = query.shape
     kv_heads, total_slots = keys.shape[1], keys.shape[2]
     out = torch.empty((batch, heads, head_dim), dtype=torch.float32, device=query.device)
@@ -88,6 +98,8 @@ def sparse_decode_attention(
         q, keys, values, valid_arg, slots, out,
         *q.stride(), *keys.stride(), *values.stride(), *valid_strides, *slots.stride(), *out.stride(),
         slots.shape[-1], total_slots - 1, head_dim, heads // kv_heads, heads // slots.shape[1], scale,
-        NUM_HEADS=heads, HAS_VALID=has_valid, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        float(softcap or 1.0),
+        NUM_HEADS=heads, HAS_VALID=has_valid, SOFTCAP=softcap is not None, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
     )
     return out[:, :, None].to(query.dtype)
