@@ -52,31 +52,28 @@ def attend_cache(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if query.is_cuda and query.shape[2] == 1:
         from tokenpass.kernels.decode_attention import decode_attention
 
-        return decode_attention(query, keys, values, valid, scale, softcap=softcap) if softcap else \
-            decode_attention(query, keys, values, valid, scale)
+        return decode_attention(query, keys, values, valid, scale, softcap=softcap)
     if window and query.shape[2] > 1:
         cache = active_cache()
         positions = cache.layers[layer].positions[:, :, : keys.shape[2]]
         return ref.cache_attention_reference(query, keys, values, valid, scale, softcap=softcap, window=window,
                                              slot_positions=positions, query_positions=cache.step_positions)
-    if softcap:
-        return ref.cache_attention_reference(query, keys, values, valid, scale, softcap=softcap)
-    return ref.cache_attention_reference(query, keys, values, valid, scale)
+    return ref.cache_attention_reference(query, keys, values, valid, scale, softcap=softcap)
 
 
-def attend_slots(query, keys, values, valid, slots, scale: float) -> torch.Tensor:
+def attend_slots(query, keys, values, valid, slots, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Attention over chosen ``slots`` ``[B, H, k]`` plus the step's own slot: Triton sparse kernel on
     CUDA, torch reference otherwise; dense when the choice is every past slot (same result, cheaper)."""
     if slots.shape[-1] >= keys.shape[2] - 1:
         count_read(keys, values)
-        return attend_cache(query, keys, values, valid, scale)
+        return attend_cache(query, keys, values, valid, scale, softcap)
     row = keys.shape[-1] * (keys.element_size() + values.element_size())
     active_cache().bytes_read += (slots.numel() + slots.shape[0] * slots.shape[1]) * row  # + the own token
     if query.is_cuda:
         from tokenpass.kernels.sparse_decode_attention import sparse_decode_attention
 
-        return sparse_decode_attention(query, keys, values, valid, slots, scale)
-    return sparse_attention_reference(query, keys, values, valid, slots, scale)
+        return sparse_decode_attention(query, keys, values, valid, slots, scale, softcap=softcap)
+    return sparse_attention_reference(query, keys, values, valid, slots, scale, softcap=softcap)
 
 
 @torch.library.impl(CACHED_ATTENTION, "CompositeExplicitAutograd")

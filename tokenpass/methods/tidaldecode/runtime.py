@@ -26,32 +26,33 @@ def selection_attention(query, key_new, value_new, scale, layer, top_k, per_kv_h
     if sparse_output and top_k >= keys.shape[2] - 1:  # the choice is every past slot: nothing to rank
         heads = keys.shape[1] if per_kv_head else query.shape[1]
         slots = torch.arange(keys.shape[2] - 1, device=keys.device).expand(keys.shape[0], heads, -1)
-        return attend_slots(query, keys, values, valid, slots, scale), slots
+        return attend_slots(query, keys, values, valid, slots, scale, softcap), slots
     if sparse_output:  # rank every slot, then attend over the choice only
-        scores = _ranking_scores(query, keys, valid, scale, layer, score_dtype, score_channels)
+        scores = _ranking_scores(query, keys, valid, scale, layer, score_dtype, score_channels, softcap)
         slots = top_slots(scores, top_k, per_kv_head)
-        return attend_slots(query, keys, values, valid, slots, scale), slots
+        return attend_slots(query, keys, values, valid, slots, scale, softcap), slots
     count_read(keys, values)
     if not query.is_cuda:
-        return selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, False)
+        return selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, False, softcap)
     from tokenpass.kernels.decode_attention import decode_attention
 
-    out, scores = decode_attention(query, keys, values, valid, scale, return_scores=True)  # one pass over K
-    return out, top_slots(scores, top_k, per_kv_head)
+    out, scores = decode_attention(query, keys, values, valid, scale, return_scores=True, softcap=softcap)
+    return out, top_slots(scores, top_k, per_kv_head)  # one pass over K gave both
 
 
-def _ranking_scores(query, keys, valid, scale: float, layer: int, score_dtype, score_channels: int) -> torch.Tensor:
+def _ranking_scores(query, keys, valid, scale: float, layer: int, score_dtype, score_channels: int,
+                    softcap: float | None) -> torch.Tensor:
     """Scores to rank slots by: exact from the keys, or approximate from the cache's channel-major key copy
     (the ``SCORE_KEYS`` state: ``score_dtype``, ``score_channels`` of its channels), which reads fewer bytes."""
     if score_dtype is None and not score_channels:
         count_read(keys)
-        return decode_scores(query, keys, valid, scale)
+        return decode_scores(query, keys, valid, scale, softcap)
     score_keys = active_cache().state(layer, SCORE_KEYS)[..., : keys.shape[2]]
     count_read(score_keys[:, :, : score_channels or score_keys.shape[2]])
-    return ranking_scores(query, score_keys, valid, scale, score_channels)
+    return ranking_scores(query, score_keys, valid, scale, score_channels, softcap)
 
 
 @torch.library.impl(SPARSE_ATTENTION, "CompositeExplicitAutograd")
 def sparse_attention(query, key_new, value_new, slots, scale, layer, softcap=None):
     keys, values, valid = staged(layer, key_new, value_new)
-    return attend_slots(query, keys, values, valid, slots, scale)
+    return attend_slots(query, keys, values, valid, slots, scale, softcap)
