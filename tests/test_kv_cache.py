@@ -3,6 +3,7 @@ import torch
 
 from tokenpass.errors import TokenpassError
 from tokenpass.ir.requests import SlotState
+from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.kv_cache import KVCache, check_budget
 
 
@@ -74,19 +75,126 @@ def test_budget_keeps_a_recent_window_and_bounds_memory():
     assert cache.layers[0].keys[0, 0, :5, 0].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
 
 
-def test_generate_with_a_budget_matches_a_recent_window_and_rejects_bad_budgets():
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """The tiny llama and its default (lowered) optimisation, shared: capturing costs seconds."""
     import tokenpass
 
     model = tokenpass.tiny("llama")
-    optimized = tokenpass.optimize(model)
+    return model, tokenpass.optimize(model)
+
+
+def test_generate_with_a_budget_above_the_length_is_exact_and_bad_budgets_are_errors(tiny_llama):
+    _, optimized = tiny_llama
     ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(0))
     full = optimized.generate(ids, max_new_tokens=5)
-    assert torch.equal(optimized.generate(ids, max_new_tokens=5, kv_budget=64), full)  # budget above length: exact
-    windowed = optimized.generate(ids, max_new_tokens=5, kv_budget=4)
-    assert windowed.shape == full.shape
+    assert torch.equal(optimized.generate(ids, max_new_tokens=5, kv_budget=64), full)  # nothing to evict
     for budget, message in [(0, "positive"), (-1, "positive"), (10_000, "exceeds the model's context")]:
         with pytest.raises(TokenpassError, match=message):
             optimized.generate(ids, max_new_tokens=2, kv_budget=budget)
+
+
+def recent_window_mask(attention_mask: torch.Tensor, prompt_len: int, budget: int) -> torch.Tensor:
+    """``[B, 1, T, T]`` boolean mask (True: attend) of what each token sees under a KV budget.
+
+    The runtime evicts *after* each step (``run_step``: commit, then ``enforce_budget``), so the prompt,
+    run in one prefill step before any eviction, sees the whole causal prompt, and the token at index
+    ``q >= prompt_len`` (a decode step) sees the ``budget`` slots the previous step left, indices
+    ``q - budget .. q - 1``, plus itself. Padding is never seen; every token sees itself, so padding rows
+    have no empty softmax (a NaN there would reach real rows through 0 * NaN).
+    """
+    length = attention_mask.shape[1]
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    allowed = (k <= q) & ((q < prompt_len) | (k >= q - budget))
+    allowed = (allowed[None] & attention_mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool)[None]
+    return allowed[:, None]
+
+
+def _extend_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """The prompt's mask followed by ones for the generated tokens, ``length`` columns in all."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], length - mask.shape[1])], dim=1)
+
+
+def masked_reference_greedy(model, ids, mask, budget: int, new_tokens: int):
+    """Greedy tokens ``[B, P + new]`` and each step's last logits ``[B, new, V]`` from the HF model alone:
+    every step recomputed from scratch over the whole sequence under ``recent_window_mask`` (no cache)."""
+    tokens, logits = ids, []
+    for _ in range(new_tokens):
+        full = _extend_mask(mask, tokens.shape[1])
+        with torch.no_grad():
+            out = model(input_ids=tokens, attention_mask=recent_window_mask(full, ids.shape[1], budget),
+                        position_ids=positions_from_mask(full)).logits[:, -1]
+        logits.append(out)
+        tokens = torch.cat([tokens, out.argmax(-1, keepdim=True)], dim=1)
+    return tokens, torch.stack(logits, 1)
+
+
+def run_on_runtime_cache(optimized, tokens, mask, budget: int | None):
+    """Teacher-force ``tokens`` through a ``Session``: prefill the prompt (``mask``'s width), then
+    one decode step per later token, as ``generate`` does. Returns the cache, each step's last logits
+    ``[B, steps, V]`` and, after each step, the cache's bytes and per-layer (positions, valid, keys, values)
+    of its committed slots."""
+    prompt_len, batch = mask.shape[1], tokens.shape[0]
+    positions = positions_from_mask(_extend_mask(mask, tokens.shape[1]))
+    session = optimized.session(batch, tokens.shape[1], budget)
+    cache = session.cache
+    logits, snapshots = [], []
+    starts = [0, *range(prompt_len, tokens.shape[1] - 1)]
+    ends = [prompt_len, *range(prompt_len + 1, tokens.shape[1])]
+    for start, end in zip(starts, ends):
+        valid = mask if start == 0 else torch.ones((batch, 1), dtype=torch.long)
+        out = session.step(tokens[:, start:end], valid, positions[:, start:end], last_only=True)
+        logits.append(out[:, -1])
+        layers = [tuple(t[:, :, : layer.length].clone() for t in (layer.positions, layer.valid, layer.keys, layer.values))
+                  for layer in cache.layers]
+        snapshots.append((cache.nbytes(), layers))
+    return cache, torch.stack(logits, 1), snapshots
+
+
+def test_generate_with_a_budget_keeps_the_recent_window_bounds_memory_and_matches_a_masked_reference(tiny_llama):
+    """``kv_budget=n`` keeps exactly the last ``n`` positions of every sequence, layer and head after
+    every step, holds the same bytes however long the sequence grows (and fewer than the full cache), and
+    generates what the HF model generates when attention is masked to that window (``recent_window_mask``).
+    Two controls show the comparison can fail: full attention, and a window one token narrower, both give
+    other logits. The prompt is longer than ``n`` plus the cache's 64 slots of headroom, or the budgeted
+    cache would not be the smaller; row 0 is left-padded.
+    """
+    model, optimized = tiny_llama
+    budget, new_tokens, prompt_len = 8, 8, 96
+    ids = torch.randint(3, 300, (2, prompt_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    want, want_logits = masked_reference_greedy(model, ids, mask, budget, new_tokens)
+
+    # (c) output: generate itself, and every step's logits on the runtime cache, against the reference.
+    assert torch.equal(optimized.generate(ids, mask, max_new_tokens=new_tokens, kv_budget=budget), want)
+    cache, logits, snapshots = run_on_runtime_cache(optimized, want, mask, budget)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-4)
+    full_cache, full_logits, full_snapshots = run_on_runtime_cache(optimized, want, mask, None)
+    assert (full_logits[:, 1:] - want_logits[:, 1:]).abs().max() > 1e-2  # the budget changes the output
+    _, narrower = masked_reference_greedy(model, ids, mask, budget - 1, new_tokens)
+    assert (narrower[:, 1:] - logits[:, 1:]).abs().max() > 1e-2  # the window's width is pinned exactly
+
+    # (a) kept slots: the last `budget` positions of each row, in order, all live, in every layer and head.
+    positions = positions_from_mask(_extend_mask(mask, want.shape[1]))
+    heads = cache.layers[0].keys.shape[1]
+    for step, (_, layers) in enumerate(snapshots):
+        end = prompt_len + step
+        expected = positions[:, None, end - budget : end].expand(-1, heads, -1)
+        for kept_positions, kept_valid, _, _ in layers:
+            assert torch.equal(kept_positions, expected), f"step {step}"
+            assert kept_valid.all()
+    assert cache.length == budget and cache.live_tokens() == len(cache.layers) * ids.shape[0] * heads * budget
+    _, prefill_layers = full_snapshots[0]
+    for (_, _, keys, values), (_, _, full_keys, full_values) in zip(snapshots[0][1], prefill_layers):
+        assert torch.equal(keys, full_keys[:, :, -budget:]) and torch.equal(values, full_values[:, :, -budget:])
+
+    # (b) memory: flat over the steps, below the unbudgeted cache, and independent of the prompt's length.
+    sizes = {nbytes for nbytes, _ in snapshots}
+    assert len(sizes) == 1 and sizes.pop() < full_cache.nbytes() == full_snapshots[-1][0]
+    longer = torch.randint(3, 300, (2, 2 * prompt_len), generator=torch.Generator().manual_seed(1))
+    long_cache, _, _ = run_on_runtime_cache(optimized, longer, torch.ones_like(longer), budget)
+    assert long_cache.nbytes() == cache.nbytes() and long_cache.length == budget
 
 
 def test_declared_slot_states_are_staged_grown_compacted_and_counted():
