@@ -11,7 +11,7 @@ from tokenpass.bench import bench, teacher_forced
 from tokenpass.cli import app
 from tokenpass.errors import PassError
 from tokenpass.ir.requests import PolicySpec
-from tokenpass.passes import PassManager
+from tokenpass.passes import PassManager, make_pass
 from tokenpass.methods.tidaldecode import TidalDecode, named_selection_layers, paper_selection_layers
 
 from conftest import hf_greedy, padded_batch
@@ -139,11 +139,33 @@ def test_second_application_is_a_no_op_and_prefill_is_untouched():
     (dict(selection_layers=[1, 5], sparse_start=2), "selection layer 1 is below sparse_start=2"),
     (dict(selection_layers=[3, 2]), "increasing"),
     (dict(score_fraction=0), "score_fraction must be in \\(0, 1\\]"),
-    (dict(score_dtype="int8"), "score_dtype 'int8' is not one of bfloat16, float16, float32 or none"),
+    (dict(score_dtype="int8"), "option score_dtype must be one of 'bfloat16', 'float16', 'float32' or None, got 'int8'"),
+    (dict(per_kv_head="false"), "option per_kv_head must be true/false, got 'false'"),
+    (dict(top_k=2.5), "option top_k must be an integer, got 2.5"),
+    (dict(selection_layers=[2, "x"]), "option selection_layers must be a list of an integer or a string"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(PassError, match=message):
         TidalDecode(**options)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("tidaldecode:per_kv_head=no", "option per_kv_head='no' is not true/false"),
+    ("tidaldecode:top_k=many", "option top_k='many' is not an integer"),
+    ("tidaldecode:topk=5", "pass 'tidaldecode' has no option 'topk' \\(options: top_k, sparse_start"),
+    ("tidaldecode:score_dtype=int8", "option score_dtype='int8' is not one of"),
+])
+def test_cli_option_strings_are_parsed_by_the_option_types_before_any_capture(spec, message):
+    with pytest.raises(PassError, match=message):
+        make_pass(spec)
+
+
+def test_option_strings_parse_to_the_annotated_types():
+    tidal = make_pass("tidaldecode:top_k=64:per_kv_head=FALSE:selection_layers=2/3:score_dtype=none:score_fraction=1")
+    assert (tidal.top_k, tidal.per_kv_head, tidal.selection_layers, tidal.score_dtype, tidal.score_fraction) == (
+        64, False, [2, 3], None, 1.0)
+    assert make_pass("tidaldecode:selection_layers=every4").selection_layers == "every4"
+    assert make_pass(TidalDecode) == TidalDecode()  # a class means its default options
 
 
 def test_selection_layer_out_of_range_names_the_model_size():

@@ -181,21 +181,29 @@ class KVCache:
     def keep(self, layer: int, slots: torch.Tensor, shrink: bool = True) -> None:
         """Keep only ``slots`` ``[B, H, n]`` (slot indices, per sequence and head) of ``layer``, compacted.
 
-        Kept slots move to the front in the given order, declared states with them; ``shrink``
-        reallocates the buffers to ``n`` slots plus headroom so the memory is really returned.
+        Kept slots move to the front in the given order, declared states with them. With ``shrink``, a
+        layer whose capacity exceeds ``n`` plus headroom is reallocated so the memory is really returned;
+        otherwise the slots are compacted in place (no allocation per eviction step).
         """
         cache = self.layers[layer]
         n = slots.shape[-1]
         index = slots.unsqueeze(-1).expand(-1, -1, -1, cache.keys.shape[-1])
-        capacity = max(n + _MIN_CAPACITY, _MIN_CAPACITY) if shrink else cache.capacity
         specs = self._states_of(layer)
-        new = _empty_layer(*cache.keys.shape[:2], capacity, cache.keys.shape[-1], cache.keys.dtype, cache.keys.device, specs)
-        new.keys[:, :, :n], new.values[:, :, :n] = cache.keys.gather(2, index), cache.values.gather(2, index)
-        new.positions[:, :, :n], new.valid[:, :, :n] = cache.positions.gather(2, slots), cache.valid.gather(2, slots)
+        target = cache
+        if shrink and n + _MIN_CAPACITY < cache.capacity:
+            target = _empty_layer(*cache.keys.shape[:2], n + _MIN_CAPACITY, cache.keys.shape[-1], cache.keys.dtype,
+                                  cache.keys.device, specs)
+        kept = {"keys": cache.keys.gather(2, index), "values": cache.values.gather(2, index),
+                "positions": cache.positions.gather(2, slots), "valid": cache.valid.gather(2, slots)}
+        states = {spec.name: _gather_slots(cache.states[spec.name], spec, slots) for spec in specs}
+        for name, tensor in kept.items():
+            getattr(target, name)[:, :, :n] = tensor
         for spec in specs:
-            _slots(new.states[spec.name], spec.slot_axis, 0, n).copy_(_gather_slots(cache.states[spec.name], spec, slots))
-        new.length = n
-        self.layers[layer] = new
+            _slots(target.states[spec.name], spec.slot_axis, 0, n).copy_(states[spec.name])
+        target.valid[:, :, n:] = False
+        target.positions[:, :, n:] = -1
+        target.length = n
+        self.layers[layer] = target
         self.all_valid = False
 
     def enforce_budget(self) -> int:
