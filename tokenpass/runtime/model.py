@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -13,6 +14,22 @@ from tokenpass.passes.base import PassResult
 from tokenpass.runtime.executor import new_cache, run_step
 from tokenpass.runtime.generate import Sampling, generate_tokens, positions_from_mask
 from tokenpass.runtime.kv_cache import KVCache
+
+
+GUARD_FAILED = "Guard failed: "  # how ExportedProgram.module() reports inputs its trace does not cover
+_GUARD_INPUT = re.compile(r"(\w+)(?:\[\d+\])*\.size\(\)\[(\d+)\]")
+
+
+def guard_error(graph: TokenGraph, exc: AssertionError, input_ids: torch.Tensor) -> TokenpassError:
+    """One line for an input the captured program was not traced to accept (instead of torch's bare
+    ``AssertionError: Guard failed: ...``), naming the step, the input and dim, and the condition."""
+    condition = str(exc)[len(GUARD_FAILED) :].strip().splitlines()[0]
+    found = _GUARD_INPUT.search(condition)
+    where = f"{found.group(1)} dim {found.group(2)}" if found else "its inputs"
+    return TokenpassError(
+        f"the {graph.label} step cannot run on input_ids of shape {tuple(input_ids.shape)}: "
+        f"{where} violates the captured program's guard {condition}"
+    )
 
 
 class GraphCache:
@@ -62,12 +79,18 @@ class OptimizedModel:
         ``last_only`` lets lowered graphs compute the last position's logits only (``[B, 1, V]``).
         """
         graph = self.graphs["decode" if input_ids.shape[1] == 1 else "prefill"]
-        if isinstance(cache, KVCache):
-            return run_step(graph, cache, input_ids, token_valid, position_ids, last_only)
-        cache.mask = torch.cat([cache.mask, token_valid.long()], dim=1)
-        with torch.no_grad():
-            logits, cache.keys, cache.values = graph(input_ids, cache.mask, position_ids, cache.keys, cache.values)
-        return logits
+        try:
+            if isinstance(cache, KVCache):
+                return run_step(graph, cache, input_ids, token_valid, position_ids, last_only)
+            mask = torch.cat([cache.mask, token_valid.long()], dim=1)
+            with torch.no_grad():
+                logits, cache.keys, cache.values = graph(input_ids, mask, position_ids, cache.keys, cache.values)
+            cache.mask = mask
+            return logits
+        except AssertionError as exc:
+            if not str(exc).startswith(GUARD_FAILED):
+                raise
+            raise guard_error(graph, exc, input_ids) from None
 
     @property
     def correction_interval(self) -> int | None:
