@@ -19,15 +19,20 @@ the model once on two tokens and reading the cache it returns.
 from __future__ import annotations
 
 import inspect
+import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.fx.experimental._config as fx_config
-from torch import nn
+from torch import fx, nn
 
 from tokenpass.errors import CaptureError
 
 PHASES: tuple[str, ...] = ("prefill", "decode")
+STEP_ARGS: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids", "past_keys", "past_values")
+SAMPLE_BATCH = 2  # rows of the traced sample: not 1, so that no op specialises the program to a single row
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -156,13 +161,14 @@ def sample_inputs(spec: ModelSpec, phase: str, batch: int = 2, past: int = 3, ne
     return ids, mask, positions, keys, values
 
 
-def _dynamic_shapes(spec: ModelSpec, phase: str) -> dict:
+def _dynamic_shapes(spec: ModelSpec, phase: str, dynamic_batch: bool = True) -> dict:
     dyn = torch.export.Dim.DYNAMIC
-    tokens = {0: dyn} if phase == "decode" else {0: dyn, 1: dyn}
-    cache = [{0: dyn, 2: dyn}] * spec.num_layers
+    batch = {0: dyn} if dynamic_batch else {}
+    tokens = batch if phase == "decode" else {**batch, 1: dyn}
+    cache = [{**batch, 2: dyn}] * spec.num_layers
     return {
         "input_ids": tokens,
-        "attention_mask": {0: dyn, 1: dyn},
+        "attention_mask": {**batch, 1: dyn},
         "position_ids": tokens,
         "past_keys": cache,
         "past_values": cache,
@@ -170,19 +176,187 @@ def _dynamic_shapes(spec: ModelSpec, phase: str) -> dict:
 
 
 def export_phase(model: nn.Module, spec: ModelSpec, phase: str) -> torch.export.ExportedProgram:
-    """Export one phase's step; failures become one-line ``CaptureError`` naming model and phase."""
+    """Export one phase's step; failures become one-line ``CaptureError`` naming model and phase.
+
+    The program must run on any batch, 1-row batches included (single-prompt generation); see
+    ``admit_one_row_batches`` for the guards some models' tracing records against them.
+    """
     if phase not in PHASES:
         raise CaptureError(f"unknown phase '{phase}': choose one of {PHASES}")
     step = CausalLMStep(model).eval()
+    program = _trace(step, spec, phase, batch=SAMPLE_BATCH)
+    admit_one_row_batches(step, spec, phase, program)
+    return program
+
+
+def _trace(
+    step: CausalLMStep, spec: ModelSpec, phase: str, batch: int, dynamic_batch: bool = True
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``step`` on sample inputs of ``batch`` rows (batch dim static unless ``dynamic_batch``)."""
     # Size-oblivious tracing keeps the batch and past dims valid down to 0 and 1 (a 1-row batch, an
     # empty past) instead of specialising the program to the sample's sizes.
     try:
         with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
             return torch.export.export(
-                step, sample_inputs(spec, phase), dynamic_shapes=_dynamic_shapes(spec, phase), strict=False
+                step,
+                sample_inputs(spec, phase, batch=batch),
+                dynamic_shapes=_dynamic_shapes(spec, phase, dynamic_batch),
+                strict=False,
             )
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the user needs one line
         raise CaptureError(f"cannot capture {spec.name} ({phase} step) with torch.export: {_first_line(exc)}")
+
+
+def admit_one_row_batches(
+    step: CausalLMStep, spec: ModelSpec, phase: str, program: torch.export.ExportedProgram
+) -> None:
+    """Make ``program`` (traced on a 2-row batch) accept 1-row batches, or refuse in one line.
+
+    Size-oblivious tracing avoids most 0/1 specialisation, but an op's own kernel can still guard on a
+    size being 1. Falcon's attention reshapes a strided slice of its fused QKV projection; ATen's reshape
+    asks whether that tensor is contiguous (a view or a copy), and dims of size 1 are skipped in that test,
+    so the trace records ``batch != 1``. ``ExportedProgram.module()`` turns such guards into an assertion
+    on the inputs, which would reject every single-prompt ``generate``. Range constraints do not show
+    them (``!=`` is not a range), so we evaluate the guards on a 1-row sample. When some fail, the step is
+    traced again at batch 1: if that trace computes the same ops on the same data, the 2-row program
+    computes the same thing at batch 1 (the guard only fixed a choice the recorded op remakes at run
+    time, here view or copy) and the failing guards are dropped; otherwise capture refuses.
+    """
+    floor = batch_floor(program)
+    if floor > 1:
+        raise CaptureError(
+            f"cannot capture {spec.name} ({phase} step) for 1-row batches: "
+            f"its program requires input_ids dim 0 (batch) >= {floor}"
+        )
+    violated = one_row_violations(program, spec, phase)
+    if not violated:
+        return
+    refusal = (
+        f"cannot capture {spec.name} ({phase} step) for 1-row batches (input dim 0): "
+        f"the trace at batch {SAMPLE_BATCH} guards on {readable_guard(violated[0])}"
+    )
+    try:
+        single = _trace(step, spec, phase, batch=1, dynamic_batch=False)
+    except CaptureError as exc:
+        raise CaptureError(f"{refusal}, and tracing at batch 1 fails ({str(exc).split(': ', 1)[-1]})") from None
+    difference = first_difference(program.graph, single.graph)
+    if difference is not None:
+        raise CaptureError(
+            f"{refusal}, and the model computes differently at batch 1 (batch {SAMPLE_BATCH} vs 1: {difference})"
+        )
+    program._guards_code = [code for code in program._guards_code if code not in violated]
+
+
+def batch_floor(program: torch.export.ExportedProgram) -> int:
+    """The least batch size the program's range constraints admit (its inputs' dim 0)."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    floor = 0
+    for node in program.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in user_inputs else None
+        if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
+            bounds = program.range_constraints.get(val.shape[0].node.expr)
+            floor = max(floor, int(bounds.lower)) if bounds is not None else floor
+    return floor
+
+
+def one_row_violations(program: torch.export.ExportedProgram, spec: ModelSpec, phase: str) -> list[str]:
+    """The program's input guards that a 1-row step (all other sizes as traced) violates."""
+    scope = {"L": dict(zip(STEP_ARGS, sample_inputs(spec, phase, batch=1)))}
+    return [code for code in getattr(program, "_guards_code", []) if not _holds(code, scope)]
+
+
+def _holds(code: str, scope: dict) -> bool:
+    """Evaluate one guard of ``ExportedProgram._guards_code`` (a Python expression over ``L[input]``)."""
+    names = {"math": math, "torch": torch, "__builtins__": {}}
+    try:
+        return bool(eval(code, names, scope))  # noqa: S307 - torch's own guard text, over our sample inputs
+    except Exception:  # noqa: BLE001 - a guard we cannot evaluate is left in place
+        return True
+
+
+def readable_guard(code: str) -> str:
+    """``L['input_ids'].size()[0] != 1`` -> ``input_ids.size()[0] != 1`` (how guard failures name inputs)."""
+    return re.sub(r"L\['(\w+)'\]", r"\1", code)
+
+
+# Ops that return their input unchanged when the output has the input's shape. Tracing records them or
+# not depending on whether a size is known statically (``x[:, 0:]`` on a dim of static size 1 is elided).
+_NOOP_VIEWS = {
+    aten.alias.default,
+    aten.slice.Tensor,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.expand.default,
+}
+_SYMBOLIC = "<size>"
+
+
+def first_difference(a: fx.Graph, b: fx.Graph) -> str | None:
+    """Where two traces of one step differ as computations (ops, dataflow, literal arguments), or None.
+
+    Symbolic sizes match any size (the traces differ in which dims are symbolic); no-op views and
+    assertions are ignored.
+    """
+    ops_a, ops_b = _computation(a), _computation(b)
+    for i, (x, y) in enumerate(zip(ops_a, ops_b)):
+        if x[0] != y[0]:
+            return f"op {i}: {x[0]} vs {y[0]}"
+        if not _same_args(x[1], y[1]):
+            return f"op {i} ({x[0]}): arguments {x[1]} vs {y[1]}"
+    if len(ops_a) != len(ops_b):
+        return f"{len(ops_a)} vs {len(ops_b)} ops"
+    return None
+
+
+def _computation(graph: fx.Graph) -> list[tuple[str, object]]:
+    """The graph's ops in order as ``(op, args)``: node arguments named by the op index (or input name)
+    that produced them, no-op views resolved to their source, symbolic sizes as ``<size>``."""
+    keys: dict[fx.Node, object] = {}
+    ops: list[tuple[str, object]] = []
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if node.op in ("placeholder", "get_attr"):
+            keys[node] = f"input {node.target}"
+        elif node.op == "output":
+            ops.append(("output", _normalise(node.args, keys)))
+        elif isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            keys[node] = _SYMBOLIC
+        elif str(node.target).startswith(("aten._assert", "aten.sym_constrain_range")):
+            continue
+        elif node.target in _NOOP_VIEWS and _same_shape(node, node.args[0]):
+            keys[node] = keys[node.args[0]]
+        else:
+            keys[node] = f"op {len(ops)}"
+            ops.append((str(node.target), _normalise((node.args, node.kwargs), keys)))
+    return ops
+
+
+def _same_shape(node: fx.Node, source: object) -> bool:
+    out = node.meta.get("val")
+    inp = source.meta.get("val") if isinstance(source, fx.Node) else None
+    return isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and str(out.shape) == str(inp.shape)
+
+
+def _normalise(args: object, keys: dict[fx.Node, object]) -> object:
+    if isinstance(args, fx.Node):
+        return keys.get(args, _SYMBOLIC)
+    if isinstance(args, (list, tuple)):
+        return tuple(_normalise(a, keys) for a in args)
+    if isinstance(args, dict):
+        return tuple((k, _normalise(v, keys)) for k, v in sorted(args.items()))
+    if isinstance(args, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return _SYMBOLIC
+    return args
+
+
+def _same_args(x: object, y: object) -> bool:
+    """Equal, except that a symbolic size matches any integer or symbolic size."""
+    if x == _SYMBOLIC or y == _SYMBOLIC:
+        return x == y or isinstance(x if y == _SYMBOLIC else y, int)
+    if isinstance(x, tuple) and isinstance(y, tuple):
+        return len(x) == len(y) and all(_same_args(p, q) for p, q in zip(x, y))
+    return x == y
 
 
 def _first_line(exc: BaseException) -> str:

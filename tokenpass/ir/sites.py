@@ -34,6 +34,23 @@ _LAYOUT_OPS = {
     aten.slice.Tensor,
     aten.index_select.default,
 }
+# Elementwise ops that, given one tensor and otherwise scalars (``logits / c``, ``tanh``, ``to(dtype)``),
+# compute each output element from the same element of that tensor alone: applied to the logits (e.g.
+# final logit soft-capping, ``tanh(logits / c) * c``) they commute with picking rows.
+_ROWWISE_OPS = {
+    aten.div.Tensor,
+    aten.div.Scalar,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+    aten.add.Tensor,
+    aten.add.Scalar,
+    aten.sub.Tensor,
+    aten.sub.Scalar,
+    aten.tanh.default,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+}
 _WRAPPER_PREFIX = "model."  # CausalLMStep holds the user's model as ``self.model``
 _INT_SEGMENT = re.compile(r"^\d+$")
 
@@ -93,6 +110,8 @@ class HeadSite:
     weight: str | None
     norm_module: str | None
     norm_kind: str | None
+    # Row-wise elementwise ops from the head to the logits output (e.g. soft-capping), in dataflow order.
+    post_ops: tuple[str, ...] = ()
 
 
 @dataclass
@@ -244,11 +263,15 @@ def _cache_slot(reads_runtime_cache: bool, kv: fx.Node, outputs: set[fx.Node]) -
 
 
 def find_lm_head(graph: fx.Graph) -> HeadSite | None:
-    """The linear producing the first output (logits), seen through layout ops, and the norm before it."""
+    """The linear producing the first output (logits), and the norm before it.
+
+    The linear is seen through layout ops and row-wise elementwise ops (``tanh(head(h) / c) * c`` caps the
+    logits of Gemma 2 and others); those ops are listed in ``post_ops`` so passes know what follows the head.
+    """
     outputs = output_nodes(graph)
     if not outputs:
         return None
-    node = _through_layout(outputs[0])
+    node, post_ops = _through_rowwise(outputs[0])
     if node.op != "call_function" or node.target not in (aten.linear.default, aten.mm.default, aten.matmul.default):
         return None
     weight = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
@@ -259,13 +282,59 @@ def find_lm_head(graph: fx.Graph) -> HeadSite | None:
         weight=weight.name if weight is not None else None,
         norm_module=norm_module,
         norm_kind=_norm_kind(graph, norm_module) if norm_module else None,
+        post_ops=tuple(op.name for op in post_ops),
     )
 
 
 def _through_layout(node: fx.Node) -> fx.Node:
+    """The tensor ``node`` reshapes or picks rows of (itself if it is no layout op)."""
     while node.op == "call_function" and node.target in _LAYOUT_OPS:
         node = node.args[0]
     return node
+
+
+def _through_rowwise(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk back from ``node`` through layout ops and row-wise elementwise ops.
+
+    Returns the producer reached and the elementwise ops crossed, producer side first. An elementwise op
+    is crossed only when its input feeds nothing else: otherwise that input's rows are needed elsewhere
+    too, and computing the head for some rows only would change another result.
+    """
+    crossed: list[fx.Node] = []
+    node = _through_layout(node)
+    while _is_rowwise(node):
+        source = _through_layout(node.args[0])
+        if not _only_feeds(source, node):
+            break
+        crossed.append(node)
+        node = source
+    return node, crossed[::-1]
+
+
+def _only_feeds(source: fx.Node, sink: fx.Node) -> bool:
+    """Whether ``source`` and the layout ops between it and ``sink`` each have a single live user.
+
+    Users whose result nothing reads (``_assert_tensor_metadata`` checks on a cast's input) do not count:
+    they return nothing that picking rows could change.
+    """
+    node = sink.args[0]
+    while len(_live_users(node)) == 1:
+        if node is source:
+            return True
+        node = node.args[0]
+    return False
+
+
+def _live_users(node: fx.Node) -> list[fx.Node]:
+    return [user for user in node.users if user.op == "output" or user.users]
+
+
+def _is_rowwise(node: fx.Node) -> bool:
+    """An op of ``_ROWWISE_OPS`` whose only tensor operand is its first argument (the rest are scalars)."""
+    if node.op != "call_function" or node.target not in _ROWWISE_OPS or not node.args:
+        return False
+    operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+    return operands == [node.args[0]]
 
 
 def _norm_kind(graph: fx.Graph, module: str) -> str | None:

@@ -15,6 +15,10 @@ After::
 
     rows = aten.select(aten.nonzero(aten.select(attention_mask, 0, 0)), 1, 0)   # [K] marked positions
     logits = aten.linear(aten.index_select(final_norm_out, 1, rows), lm_head_weight)  # [B, K, V]
+
+Row-wise elementwise ops between the head and the logits output (final logit soft-capping,
+``tanh(logits / c) * c``; a dtype cast) are left after the head: they act on each logit alone, so on the
+selected rows they give exactly the selected rows of the full result (``HeadSite.post_ops`` lists them).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ class SelectLogitRows(Pass):
         head = graph.sites().lm_head
         if head is None:
             result.applicable = False
-            result.misses.append(Miss(graph.label, "LM head found", "no linear produces the logits output"))
+            result.misses.append(Miss(graph.label, "LM head found", "no linear produces the logits output "
+                                      "(through layout and row-wise elementwise ops)"))
             return result
         rows_input = graph.node(ROWS_INPUT)
         live_users = [u for u in rows_input.users if u.op != "output" and len(u.users) > 0]
@@ -64,5 +69,7 @@ class SelectLogitRows(Pass):
             node.meta["tokenpass"] = {"pass": self.name, "feeds": linear.name}
         linear.replace_input_with(hidden, picked)
         result.counts["lm_head_rows_selected"] = 1
+        if head.post_ops:
+            result.counts["rowwise_ops_after_head"] = len(head.post_ops)
         result.modified = True
         return result

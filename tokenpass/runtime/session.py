@@ -14,6 +14,7 @@ import torch
 from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.runtime.executor import run_step
+from tokenpass.runtime.guards import guarded
 from tokenpass.runtime.kv_cache import KVCache
 from tokenpass.runtime.policy import Policy, Step
 
@@ -43,7 +44,9 @@ class Session:
     def run(self, phase: str, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor,
             last_only: bool = False) -> torch.Tensor:
         """One step of ``phase``'s graph without policies (what policies themselves call)."""
-        return run_step(self.graphs[phase], self.cache, input_ids, token_valid, position_ids, last_only)
+        graph = self.graphs[phase]
+        with guarded(graph, input_ids):
+            return run_step(graph, self.cache, input_ids, token_valid, position_ids, last_only)
 
 
 class GraphCache:
@@ -68,8 +71,9 @@ class ExplicitSession:
     def step(self, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor,
              last_only: bool = False) -> torch.Tensor:
         cache = self.cache
-        cache.mask = torch.cat([cache.mask, token_valid.long()], dim=1)
+        mask = torch.cat([cache.mask, token_valid.long()], dim=1)
         graph = self.graphs[phase_of(input_ids)]
-        with torch.no_grad():
-            logits, cache.keys, cache.values = graph(input_ids, cache.mask, position_ids, cache.keys, cache.values)
+        with guarded(graph, input_ids), torch.no_grad():
+            logits, cache.keys, cache.values = graph(input_ids, mask, position_ids, cache.keys, cache.values)
+        cache.mask = mask  # only once the step ran
         return logits
