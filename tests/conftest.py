@@ -51,3 +51,31 @@ def hf_greedy(model, ids, mask, new_tokens):
         return model.generate(
             ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
         )
+
+
+SMALL_DECODER = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def hf_tiny(model_type: str, attn: str = "sdpa", seed: int = 0, **overrides):
+    """A small random decoder straight from transformers' config class for ``model_type`` (families
+    ``tokenpass.tiny`` does not cover, with windows, soft-caps or eager attention)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**SMALL_DECODER, **overrides})
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def hf_recompute_greedy(model, ids, mask, new_tokens):
+    """Greedy tokens from HF's *uncached* forward, recomputing the whole sequence every step: the model's
+    semantics with no cache implementation in between (HF's cached generate disagrees with it for some
+    sliding-window configurations, e.g. Qwen2 with mixed full/sliding layers)."""
+    tokens = ids
+    for _ in range(new_tokens):
+        full = torch.cat([mask, mask.new_ones(mask.shape[0], tokens.shape[1] - mask.shape[1])], 1)
+        with torch.no_grad():
+            logits = model(input_ids=tokens, attention_mask=full, position_ids=positions_from_mask(full)).logits
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return tokens

@@ -54,11 +54,11 @@ def test_cli_json_tells_a_lossy_method_from_one_that_must_equal_the_baseline():
         assert exact["kl"] == pytest.approx(0.0, abs=1e-6) and exact["greedy_common_prefix"] == GREEDY
     assert covering["ppl"] == pytest.approx(base["ppl"], rel=1e-6)
     assert covering["kv_read_bytes_per_step"] == base["kv_read_bytes_per_step"]
-    assert covering["kv_bytes"] == base["kv_bytes"]
+    assert covering["kv_bytes"] == lossy["kv_bytes"]  # the same declared ranking copy, used or not
 
     assert abs(lossy["ppl_ratio"] - 1.0) > 1e-4 and lossy["kl"] > 1e-4 and lossy["top1_agreement"] < 1.0
     assert lossy["kv_read_bytes_per_step"] < base["kv_read_bytes_per_step"] / 2
-    assert lossy["kv_bytes"] >= base["kv_bytes"]
+    assert lossy["kv_bytes"] > base["kv_bytes"]  # the ranking copy is held beside the cache
 
 
 @pytest.mark.parametrize("context,continuation,message", [

@@ -34,7 +34,8 @@ from tokenpass.passes.base import Miss, Pass, PassResult
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node, replace_output
 
-MASK_PROBE_PAST = 64  # past length of the mask probe: windows up to this size are checked exactly
+MASK_PROBE_PAST = 64  # past length of the mask probe: any window below it is seen, declared or not
+MASK_PROBE_MAX = 256  # declared windows up to half this are checked at their edge
 
 
 def cache_update_miss(site: AttentionSite) -> Miss | None:
@@ -48,8 +49,8 @@ def mask_misses(graph: TokenGraph, sites: list[AttentionSite]) -> list[Miss]:
     """Sites whose mask is not causal + padding (+ the layer's window) on sample inputs."""
     spec = graph.spec
     windows = [spec.window(site.layer) for site in sites]
-    past = min(MASK_PROBE_PAST, 2 * max(windows, default=0) + 4)
-    inputs = sample_inputs(spec, graph.phase, past=max(past, 3))
+    past = max(MASK_PROBE_PAST, min(2 * max(windows, default=0) + 4, MASK_PROBE_MAX))
+    inputs = sample_inputs(spec, graph.phase, past=past)
     new = inputs[0].shape[1]
     masks = node_values(graph.module(), inputs, [site.mask for site in sites if site.mask])
     misses = []
