@@ -24,13 +24,17 @@ def attention(
     scale: float,
     is_causal: bool,
     layer: int,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of decoder layer ``layer``; ``key``/``value`` keep their ``H_kv`` heads (GQA)."""
-    return attention_reference(query, key, value, mask, scale, is_causal)
+    """Attention of decoder layer ``layer``; ``key``/``value`` keep their ``H_kv`` heads (GQA).
+
+    ``softcap`` (``None``: none) caps the scaled logits as ``tanh(w / softcap) * softcap`` before the mask.
+    """
+    return attention_reference(query, key, value, mask, scale, is_causal, softcap)
 
 
 @attention.register_fake
-def _attention_fake(query, key, value, mask, scale, is_causal, layer):
+def _attention_fake(query, key, value, mask, scale, is_causal, layer, softcap=None):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
