@@ -22,6 +22,7 @@ from tokenpass.ir.graph import TokenGraph
 from tokenpass.ir.ops import attention_op, cached_attention_op
 from tokenpass.ir.sites import AttentionSite
 from tokenpass.passes.base import Miss, Pass, PassResult
+from tokenpass.passes.canonicalize_attention import attention_softcap
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node, replace_output
 from tokenpass.runtime.executor import run_with_explicit_past
@@ -60,6 +61,8 @@ class LowerKVCache(Pass):
                                           f"op is {site.op}; run canonicalize_attention first"))
                 continue
             miss = _miss(site)
+            if miss is None and attention_softcap(node) is not None:
+                miss = Miss(site.label, "no soft-cap", "soft-capped attention is not supported by the runtime cache yet")
             if miss is not None:
                 result.misses.append(miss)
                 continue
