@@ -93,10 +93,12 @@ def match_at_softmax(softmax: fx.Node) -> EagerAttention:
     value_rep = output.args[1]
     key, value = strip_head_repeat(key_rep), strip_head_repeat(value_rep)
     _check_shapes(query, key_rep, key, value_rep, value, scores, mask, output)
+    chain = _chain(scores, output, mask)
+    _check_used_once((scores, *chain))
     return EagerAttention(
         output=output,
         scores=scores,
-        chain=_chain(scores, output, mask),
+        chain=chain,
         softmax=softmax,
         query=query,
         key=key,
@@ -115,6 +117,18 @@ def _chain(scores: fx.Node, output: fx.Node, mask: fx.Node | None) -> tuple[fx.N
         path.append(cur)
         (cur,) = [n for n in cur.all_input_nodes if n is not mask]
     return tuple(reversed(path))
+
+
+def _check_used_once(nodes: tuple[fx.Node, ...]) -> None:
+    """Each intermediate feeds only the next step, so replacing the chain changes nothing else.
+
+    This also makes in-place steps (Falcon divides its scores with ``div_``) safe to drop with the chain:
+    nothing else reads the tensor they mutate.
+    """
+    for node in nodes:
+        users = _users(node)
+        if len(users) != 1:
+            raise NotAttention("intermediates used once", f"{node.name} has {len(users)} users")
 
 
 def _label(node: fx.Node) -> str:
@@ -139,7 +153,9 @@ def _users(node: fx.Node) -> list[fx.Node]:
 
 def _is_dead(node: fx.Node, depth: int = 6) -> bool:
     """Whether nothing uses ``node``'s value within a few steps (e.g. a chain already canonicalised, before dce)."""
-    return depth > 0 and all(_is_dead(user, depth - 1) for user in _users(node))
+    if node.op == "output" or depth == 0:
+        return False
+    return all(_is_dead(user, depth - 1) for user in _users(node))
 
 
 def _next_to_matmul(softmax: fx.Node) -> bool:
@@ -248,7 +264,9 @@ def _unwrap_scale(node) -> tuple[fx.Node, float]:
     while _is_call(node, (*_SCALE_MULS, *_SCALE_DIVS)):
         node, factor = _one_scale(node)
         scale *= factor
-    return node, _finite(scale, node)
+    if not math.isfinite(scale):
+        raise NotAttention("scale is finite", f"the scores are scaled by {scale}")
+    return node, scale
 
 
 def _one_scale(node: fx.Node) -> tuple[fx.Node, float]:
@@ -262,12 +280,6 @@ def _one_scale(node: fx.Node) -> tuple[fx.Node, float]:
     if d is None or d == 0:
         raise NotAttention("scale is a constant", f"{node.name} divides the scores by {_describe(node.args[1])}")
     return node.args[0], 1.0 / d
-
-
-def _finite(scale: float, node: fx.Node) -> float:
-    if not math.isfinite(scale):
-        raise NotAttention("scale is finite", f"{node.name} scales by {scale}")
-    return float(scale)
 
 
 def _constant(arg) -> float | None:
