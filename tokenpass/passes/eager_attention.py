@@ -18,6 +18,9 @@ which needs eager attention for its logit soft-cap) exports as::
 and a candidate becomes a match only if each step is one the canonical op computes (scale, soft-cap
 and mask in that order, softmax over the last axis, shapes ``[B,H,T,D] x [B,Hkv,S,D]``); otherwise it
 is a ``Miss`` naming the first check that failed.
+
+Spellings seen besides the above, all matched: GPT-2's softmax without a dtype, Falcon's in-place
+``div_`` by ``sqrt(head_dim)`` on multi-query keys (one KV head, broadcast by the matmul, no repeat).
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def match_at_softmax(softmax: fx.Node) -> EagerAttention:
     scores, mask, before = _unwrap_mask(softmax.args[0])
     scores, softcap = _unwrap_softcap(scores)
     scores, scale = _unwrap_scale(scores)
-    scores, casts = _skip_identities(scores, _SAME_DTYPE_ONLY)
+    scores, casts = _skip_identities(scores)
     if not _is_call(scores, MATMUL):
         raise NotAttention("scores from matmul(q, k^T)", f"the softmax input comes from {_describe(scores)}")
     query, key_rep = scores.args[0], _untranspose(scores.args[1])
@@ -143,7 +146,9 @@ def _is_call(node, targets) -> bool:
 
 
 def _describe(node) -> str:
-    return str(node.target) if isinstance(node, fx.Node) and node.op == "call_function" else repr(getattr(node, "name", node))
+    if isinstance(node, fx.Node):
+        return str(node.target) if node.op == "call_function" else node.name
+    return repr(node)
 
 
 def _users(node: fx.Node) -> list[fx.Node]:
@@ -207,7 +212,7 @@ def _probs_to_matmul(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
             if user.args[0] is not cur:
                 raise NotAttention("matmul(probs, v)", f"{user.name} multiplies the probabilities from the right")
             return user, seen
-        if not _is_identity(user, _PROBS_IDENTITIES):
+        if not _is_identity(user, probs=True):
             raise NotAttention("probabilities reach matmul(probs, v)", f"they go through {_describe(user)}")
         seen.append(user)
         cur = user
@@ -215,7 +220,7 @@ def _probs_to_matmul(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
 
 def _unwrap_mask(node) -> tuple[fx.Node, fx.Node | None, list[fx.Node]]:
     """``add(scores, mask)`` (either order) -> ``(scores, mask)``; no add -> no mask."""
-    node, casts = _skip_identities(node, _SAME_DTYPE_ONLY)
+    node, casts = _skip_identities(node)
     if not _is_call(node, _ADDS):
         return node, None, casts
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
@@ -299,13 +304,12 @@ def _untranspose(node) -> fx.Node:
     raise NotAttention("keys transposed on their last two axes", f"the second matmul operand is {_describe(node)}")
 
 
-# No-op steps: same-dtype casts, p=0 / eval dropout, clones (``to`` is also allowed to cast the float32
-# probabilities to the value dtype, which is what the canonical op does).
-_SAME_DTYPE_ONLY = "same dtype"
-_PROBS_IDENTITIES = "probs"
+def _is_identity(node: fx.Node, probs: bool = False) -> bool:
+    """A step that changes nothing: a same-dtype cast, p=0 or eval-mode dropout, a clone.
 
-
-def _is_identity(node: fx.Node, where: str) -> bool:
+    On the ``probs`` side a cast of the float32 probabilities (to the value dtype) also counts: the
+    canonical op makes that same cast.
+    """
     if _is_call(node, aten.clone.default):
         return True
     if _is_call(node, aten.dropout.default):
@@ -315,13 +319,13 @@ def _is_identity(node: fx.Node, where: str) -> bool:
         source, out = tensor_meta(node.args[0]), tensor_meta(node)
         if source is None or out is None:
             return False
-        return source.dtype == out.dtype or (where == _PROBS_IDENTITIES and source.dtype == torch.float32)
+        return source.dtype == out.dtype or (probs and source.dtype == torch.float32)
     return False
 
 
-def _skip_identities(node, where: str) -> tuple[fx.Node, list[fx.Node]]:
+def _skip_identities(node) -> tuple[fx.Node, list[fx.Node]]:
     seen = []
-    while isinstance(node, fx.Node) and _is_identity(node, where):
+    while isinstance(node, fx.Node) and _is_identity(node):
         seen.append(node)
         node = node.args[0]
     return node, seen
@@ -347,7 +351,8 @@ def _check_shapes(query, key_rep, key, value_rep, value, scores, mask, output) -
     # time, and export may not prove symbolic lengths equal (past keys and values get separate dims).
     heads, kv_heads = int(q.shape[1]), int(k.shape[1])
     if int(v.shape[1]) != kv_heads or kv_heads < 1 or heads % kv_heads:
-        raise NotAttention("query heads a multiple of KV heads", f"{heads} query, {kv_heads} key, {int(v.shape[1])} value heads")
+        counts = f"{heads} query, {kv_heads} key, {int(v.shape[1])} value heads"
+        raise NotAttention("query heads a multiple of KV heads", counts)
     for rep in (kr, vr):  # matmul broadcasts a single head; anything else must already match
         if int(rep.shape[1]) not in (1, heads):
             raise NotAttention("query heads a multiple of KV heads", f"{heads} query heads against {_shape(rep)}")

@@ -27,6 +27,8 @@ from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node, replace_output
 from tokenpass.runtime.executor import run_with_explicit_past
 
+SOFTCAP_UNSUPPORTED = "soft-capped attention is not supported by the runtime cache yet"
+
 
 def _miss(site: AttentionSite) -> Miss | None:
     for name, slot in (("keys", site.key_cache), ("values", site.value_cache)):
@@ -62,7 +64,7 @@ class LowerKVCache(Pass):
                 continue
             miss = _miss(site)
             if miss is None and attention_softcap(node) is not None:
-                miss = Miss(site.label, "no soft-cap", "soft-capped attention is not supported by the runtime cache yet")
+                miss = Miss(site.label, "no soft-cap", SOFTCAP_UNSUPPORTED)
             if miss is not None:
                 result.misses.append(miss)
                 continue
