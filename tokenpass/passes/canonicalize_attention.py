@@ -26,7 +26,9 @@ After::
 
     out = tokenpass.attention(q, k, v, mask, 0.0625, False, 0, 50.0)   # softcap 50.0; None without one
 
-Exact up to float reassociation when there is no soft-cap (the op runs SDPA), bit-identical with one.
+Bit-identical as well: the op's reference computes soft-capped or additively masked attention (what HF's
+eager path builds) with HF's eager formula, op for op. An unmasked, uncapped eager site runs SDPA there,
+equal up to float rounding. The chain the rewrite leaves dead is erased with it.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def erase_dead_chain(graph: TokenGraph, chain: tuple[fx.Node, ...]) -> None:
     """Erase, last first, the nodes of a replaced chain that nothing else uses.
 
     ``dce`` cannot do this: fx counts the chain's dtype assertions and its ``dropout`` (even p=0) as side
-    effects, which would keep the scores, softmax and head repetition computing for nothing. Nodes still
-    used outside the chain (say, attention probabilities the model also returns) are kept.
+    effects, which would keep the scores, softmax and head repetition computing for nothing. A node with
+    users outside the chain would be kept (the matcher admits none: it requires each step used once).
     """
     for node in reversed(chain):
         checks = [u for u in node.users if u.op == "call_function" and u.target == ASSERT_METADATA]
