@@ -21,6 +21,9 @@ FAMILIES = {
     "qwen2": dict(model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
     "gemma3": dict(model_type="gemma3_text", sliding_window=WINDOW, head_dim=16,
                    layer_types=["sliding_attention", "full_attention"] * 2),
+    # HF runs Gemma 2 with eager attention only: attention-logit soft-capping between QK and softmax,
+    # alternating local/global layers, and a final logit soft-cap after the LM head.
+    "gemma2": dict(model_type="gemma2", attn="eager", sliding_window=WINDOW, head_dim=16),
 }
 
 
@@ -37,6 +40,8 @@ def test_windowed_family_is_lowered_and_exact_over_64_tokens(name):
     assert optimized.lowered
     lowering = next(r for r in optimized.reports["decode"] if r.pass_name == "lower_kv_cache")
     assert lowering.counts["sliding_window_layers"] == windowed_layers(model) > 0
+    capped = getattr(model.config, "attn_logit_softcapping", None) is not None
+    assert lowering.counts["softcap_layers"] == (model.config.num_hidden_layers if capped else 0)
     ids, mask = padded_batch(model.config.vocab_size, length=30, pad=5)
     assert torch.equal(optimized.generate(ids, mask, max_new_tokens=64), hf_recompute_greedy(model, ids, mask, 64))
 

@@ -27,13 +27,17 @@ def attention(
     scale: float,
     is_causal: bool,
     layer: int,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of decoder layer ``layer``; ``key``/``value`` keep their ``H_kv`` heads (GQA)."""
-    return attention_reference(query, key, value, mask, scale, is_causal)
+    """Attention of decoder layer ``layer``; ``key``/``value`` keep their ``H_kv`` heads (GQA).
+
+    ``softcap`` (``None``: none) caps the scaled logits as ``tanh(w / softcap) * softcap`` before the mask.
+    """
+    return attention_reference(query, key, value, mask, scale, is_causal, softcap)
 
 
 @attention.register_fake
-def _attention_fake(query, key, value, mask, scale, is_causal, layer):
+def _attention_fake(query, key, value, mask, scale, is_causal, layer, softcap=None):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
@@ -69,7 +73,7 @@ register_attention_op(
 register_attention_op(
     attention_op,
     {"query": "query", "key": "key", "value": "value", "mask": "mask", "scale": "scale", "is_causal": "is_causal",
-     "layer": "layer", **({"softcap": "softcap"} if "softcap" in {a.name for a in attention_op._schema.arguments} else {})},
+     "layer": "layer", "softcap": "softcap"},
 )
 CACHE_ROLES = {"query": "query", "key": "key_new", "value": "value_new", "scale": "scale", "layer": "layer",
                "softcap": "softcap", "window": "window"}
