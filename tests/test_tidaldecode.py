@@ -244,3 +244,23 @@ def test_kv_bytes_read_per_step_fall_to_dense_layers_plus_selected_slots():
     assert base["kv_read_bytes_per_step"] == pytest.approx(4 * slots * 2 * row)
     dense, ranking, chosen = 2 * slots * 2 * row, slots * row // 4, 2 * (8 + 1) * 2 * row  # layers 0-1; 2; 2-3
     assert tidal["kv_read_bytes_per_step"] == pytest.approx(dense + ranking + chosen)
+
+
+def test_left_padded_ragged_batch_through_the_sparse_path_gives_each_row_what_it_gives_alone():
+    """top_k 6 over prompts of 40, 28 and 17 tokens (rows 1-2 left-padded): selection really prunes in
+    every row, and each row's tokens equal that row generated alone."""
+    model = tokenpass.tiny("llama")
+    optimized = tokenpass.optimize(model, passes=["tidaldecode:top_k=6:sparse_start=1:selection_layers=1/3"])
+    generator = torch.Generator().manual_seed(7)
+    lengths = (40, 28, 17)
+    rows = [torch.randint(3, 300, (1, n), generator=generator) for n in lengths]
+    ids = torch.zeros((3, max(lengths)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, -row.shape[1]:], mask[i, -row.shape[1]:] = row, 1
+    batch = optimized.generate(ids, mask, max_new_tokens=16)
+    dense = tokenpass.optimize(model).generate(ids, mask, max_new_tokens=16)
+    assert not torch.equal(batch, dense)  # the sparse path changed something (it is not the dense fallback)
+    for i, row in enumerate(rows):
+        alone = optimized.generate(row, max_new_tokens=16)
+        assert torch.equal(batch[i, -(row.shape[1] + 16):], alone[0]), f"row {i}"
