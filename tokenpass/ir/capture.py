@@ -289,6 +289,9 @@ _NOOP_VIEWS = {
     aten._unsafe_view.default,
     aten.expand.default,
 }
+# Conversions that do nothing when source and result agree in shape, dtype and device (one trace may
+# record them where the other elides them).
+_NOOP_CONVERSIONS = {aten.to.device, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default}
 _SYMBOLIC = "<size>"
 
 
@@ -326,6 +329,8 @@ def _computation(graph: fx.Graph) -> list[tuple[str, object]]:
             continue
         elif node.target in _NOOP_VIEWS and _same_shape(node, node.args[0]):
             keys[node] = keys[node.args[0]]
+        elif node.target in _NOOP_CONVERSIONS and _same_kind(node, node.args[0]):
+            keys[node] = keys[node.args[0]]
         else:
             keys[node] = f"op {len(ops)}"
             ops.append((str(node.target), _normalise((node.args, node.kwargs), keys)))
@@ -333,9 +338,20 @@ def _computation(graph: fx.Graph) -> list[tuple[str, object]]:
 
 
 def _same_shape(node: fx.Node, source: object) -> bool:
+    """Same shape, where a symbolic dim matches a symbolic dim (a view to ``(B, -1)`` of a ``[B, S]``
+    tensor traces as ``[s0, s1]`` to ``[s0, s1 * s0 / s0]``-like expressions)."""
     out = node.meta.get("val")
     inp = source.meta.get("val") if isinstance(source, fx.Node) else None
-    return isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and str(out.shape) == str(inp.shape)
+    if not (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor)) or out.dim() != inp.dim():
+        return False
+    return all(str(a) == str(b) or (isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt))
+               for a, b in zip(out.shape, inp.shape))
+
+
+def _same_kind(node: fx.Node, source: object) -> bool:
+    out = node.meta.get("val")
+    inp = source.meta.get("val") if isinstance(source, fx.Node) else None
+    return _same_shape(node, source) and out.dtype == inp.dtype and out.device == inp.device
 
 
 def _normalise(args: object, keys: dict[fx.Node, object]) -> object:
