@@ -8,7 +8,7 @@ from torch import nn
 
 import tokenpass
 from tokenpass.ir.graph import TokenGraph
-from tokenpass.ir.ops import attention_op, cached_attention_op
+from tokenpass.ir.ops import attention_op
 from tokenpass.kernels.attention_ref import eager_attention_reference, expand_kv_heads
 from tokenpass.passes import PassManager
 from tokenpass.passes.canonicalize_attention import CanonicalizeAttention, attention_softcap
