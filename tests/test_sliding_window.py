@@ -74,3 +74,18 @@ def test_windowed_layers_stay_windowed_dense_under_tidaldecode():
     assert torch.equal(covering.generate(ids, mask, max_new_tokens=24), hf_recompute_greedy(model, ids, mask, 24))
     sparse = tokenpass.optimize(model, passes=["tidaldecode:top_k=4:sparse_start=1:selection_layers=1"])
     assert not torch.equal(sparse.generate(ids, mask, max_new_tokens=24), covering.generate(ids, mask, max_new_tokens=24))
+
+
+def test_a_family_the_lowering_cannot_take_runs_exactly_with_a_warning_naming_the_layer():
+    """GPT-OSS adds learned attention sinks to the softmax (eager only): not attention as the canonical op
+    computes it, so nothing is lowered; the model still generates exactly, and the warning says why."""
+    model = hf_tiny("gpt_oss", attn="eager", sliding_window=WINDOW, head_dim=16, num_local_experts=4,
+                    num_experts_per_tok=2)
+    with pytest.warns(tokenpass.TokenpassWarning, match=r"gpt_oss/decode runs without the runtime KV cache .*"
+                                                        r"layer 0 attention"):
+        optimized = tokenpass.optimize(model)
+    assert not optimized.lowered
+    ids, mask = padded_batch(model.config.vocab_size, length=30, pad=5)
+    assert torch.equal(optimized.generate(ids, mask, max_new_tokens=64), hf_recompute_greedy(model, ids, mask, 64))
+    with pytest.raises(tokenpass.PassError, match="pass 'tidaldecode' could not apply: .*requires runtime_kv_cache"):
+        tokenpass.optimize(model, passes=["tidaldecode"])

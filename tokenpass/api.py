@@ -94,10 +94,13 @@ def check_requested(requested: list[Pass], reports: dict[str, list[PassResult]])
 
 
 def warn_not_lowered(reports: dict[str, list[PassResult]]) -> None:
-    """Warn once per graph whose attention stays on explicit cache tensors (exact, but slower)."""
+    """Warn once per graph whose attention stays on explicit cache tensors (exact, but slower), with the
+    first reason in the lowering chain (a site canonicalisation could not recognise, a mask the runtime
+    cannot reproduce, ...)."""
     for results in reports.values():
-        for r in results:
-            if r.pass_name == "lower_kv_cache" and r.failure():
-                warnings.warn(
-                    f"{r.graph.label} runs without the runtime KV cache (exact, slower; method passes cannot "
-                    f"apply): {r.failure()}", TokenpassWarning, stacklevel=3)
+        lowering = next((r for r in results if r.pass_name == "lower_kv_cache"), None)
+        if lowering is None or not lowering.failure():
+            continue
+        reason = next(r.failure() for r in results if r.pass_name in LOWER_FIRST and r.failure())
+        warnings.warn(f"{lowering.graph.label} runs without the runtime KV cache (exact, slower; method passes "
+                      f"cannot apply): {reason}", TokenpassWarning, stacklevel=3)
