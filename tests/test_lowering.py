@@ -125,3 +125,36 @@ def test_canonicalize_after_lowering_is_a_no_op():
     graph = _graph(passes=("canonicalize_attention", "lower_kv_cache"))
     (result,) = PassManager(["canonicalize_attention"]).run(graph)
     assert not result.modified and result.counts["already_canonical"] == 4
+
+
+def _eager_with_an_odd_layer(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """HF's eager attention, except that layer 2 routes its probabilities through ``* 1.0``: the same
+    function, but a chain the canonicalisation does not recognise as attention."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
+
+    if module.layer_idx != 2:
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    k, v = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    probs = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype) * 1.0
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+
+def test_a_graph_with_one_unrecognised_attention_layer_is_not_lowered_and_runs_exactly():
+    """The issue's 'partly lowered graph': three layers canonicalise, layer 2 does not. Lowering the three
+    would leave layer 2 reading a past the runtime feeds empty; instead nothing is lowered, a warning names
+    the layer, and generation equals HF's."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("odd_layer_eager", _eager_with_an_odd_layer)
+    model = tokenpass.tiny("llama")
+    model.set_attn_implementation("odd_layer_eager")
+    with pytest.warns(tokenpass.TokenpassWarning, match=r"llama/decode runs without the runtime KV cache.*layer 2"):
+        optimized = tokenpass.optimize(model)
+    canon = optimized.reports["decode"][0]
+    assert canon.counts["eager_to_tokenpass_attention"] == 3 and not canon.applicable
+    assert not optimized.lowered and "runtime_kv_cache" not in optimized.graphs["decode"].properties
+    ids, mask = padded_batch(model.config.vocab_size, length=20, pad=5)
+    assert torch.equal(optimized.generate(ids, mask, max_new_tokens=16), hf_greedy(model, ids, mask, 16))

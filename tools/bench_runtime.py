@@ -1,95 +1,153 @@
-"""Runtime decode speed with no passes against transformers' own ``generate`` on the same machine.
+"""tokenpass's runtime (no method pass) against the fastest ways a user would run the same model with
+transformers, timed the same way on both sides, in one process.
 
-Greedy decoding of N tokens after a context of C tokens of real text, batch 1; prefill excluded from
-the per-token figures (each side's prefill is timed separately). Prints a table and, with --json, JSON.
+Each configuration generates greedily from the same prompt of real text; the whole ``generate`` call is
+timed (prefill, every decode step, sampling and appends included). Decode ms/token is the difference
+between a run of ``--new-tokens`` tokens and a run of one token, divided by the extra tokens, so prefill
+cancels out. Rounds are interleaved (every configuration once per round) and medians are reported with
+their range. Peers:
 
-    .venv/bin/python tools/bench_runtime.py --contexts 512 4096 --new-tokens 64
+* ``hf-dynamic``: ``model.generate`` with its default dynamic cache;
+* ``hf-static``: ``cache_implementation="static"`` (a preallocated cache, HF's documented fast path);
+* ``hf-static-compiled``: static cache plus ``torch.compile`` of the forward (``--compile-hf``; slow to
+  compile on a small CPU, so off by default);
+* ``tokenpass``: ``tokenpass.optimize(model)`` (no method pass).
+
+Every speed is also given as a fraction of the bandwidth ceiling (``tools/bandwidth.py``): the time a
+step would take if it only had to stream its weights and live KV cache at the measured read bandwidth.
+
+    .venv/bin/python tools/bench_runtime.py --contexts 512 4096 --batches 1 --new-tokens 32 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-import tokenpass
-from tokenpass.models import load_tokenizer
-from tokenpass.runtime.generate import Sampling, generate_tokens
-from tokenpass.texts import read_text, token_ids
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bandwidth import ceiling_ms, read_bandwidth  # noqa: E402
+
+import tokenpass  # noqa: E402
+from tokenpass.models import load_tokenizer  # noqa: E402
+from tokenpass.texts import read_text, token_ids  # noqa: E402
+
+Generate = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-class _Timed:
-    """Wraps a step function and records the time of the first call (prefill) and the rest (decode)."""
-
-    def __init__(self, step):
-        self.step, self.times = step, []
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        out = self.step(*args, **kwargs)
-        self.times.append(time.perf_counter() - start)
-        return out
-
-
-def time_tokenpass(optimized, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
-    session = optimized.session(1, prompt.shape[1] + new_tokens)
-    timed = _Timed(session.step)
-    out = generate_tokens(type("S", (), {"step": timed})(), prompt, torch.ones_like(prompt), new_tokens, Sampling())
-    return timed.times[0], sum(timed.times[1:]) / len(timed.times[1:]), out
-
-
-def time_hf(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
-    times = []
-    handle = model.register_forward_pre_hook(lambda *a: times.append(time.perf_counter()))
-    try:
+def hf_generate(model, **options) -> Generate:
+    def run(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         with torch.no_grad():
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False)
-        end = time.perf_counter()
-    finally:
-        handle.remove()
-    steps = [b - a for a, b in zip(times, times[1:] + [end])]
-    return steps[0], sum(steps[1:]) / len(steps[1:]), out
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, **options)
+    return run
+
+
+def tokenpass_generate(optimized) -> Generate:
+    return lambda prompt, new_tokens: optimized.generate(prompt, max_new_tokens=new_tokens)
+
+
+def peers(model, compile_hf: bool) -> dict[str, Generate]:
+    configs = {"hf-dynamic": hf_generate(model), "hf-static": hf_generate(model, cache_implementation="static"),
+               "tokenpass": tokenpass_generate(tokenpass.optimize(model, name="smollm2"))}
+    if compile_hf:
+        compiled = torch.compile(model.forward)
+        configs["hf-static-compiled"] = _with_forward(model, compiled, hf_generate(model, cache_implementation="static"))
+    return configs
+
+
+def _with_forward(model, forward, run: Generate) -> Generate:
+    """``run`` with ``model.forward`` swapped for ``forward`` for the duration of each call."""
+    def wrapped(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        original = model.forward
+        model.forward = forward
+        try:
+            return run(prompt, new_tokens)
+        finally:
+            model.forward = original
+    return wrapped
+
+
+def timed(run: Generate, prompt: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = run(prompt, new_tokens)
+    return time.perf_counter() - start, out
+
+
+def measure(configs: dict[str, Generate], prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict[str, dict]:
+    """Interleaved rounds; per config the decode ms/token samples and the tokens of the last run."""
+    for run in configs.values():  # warm-up (first-call costs, compilation) outside the timed rounds
+        run(prompt[:, :16], 2)
+        run(prompt, 2)
+    samples: dict[str, list[float]] = {name: [] for name in configs}
+    outputs: dict[str, torch.Tensor] = {}
+    for _ in range(rounds):
+        for name, run in configs.items():
+            short, _ = timed(run, prompt, 1)
+            long, outputs[name] = timed(run, prompt, new_tokens)
+            samples[name].append(1000 * (long - short) / (new_tokens - 1))
+    return {name: {"samples": values, "tokens": outputs[name]} for name, values in samples.items()}
+
+
+def summarise(results: dict[str, dict], context: int, batch: int, new_tokens: int, ceiling: float) -> list[dict]:
+    fastest_hf = min(statistics.median(r["samples"]) for name, r in results.items() if name.startswith("hf"))
+    reference = results["hf-dynamic"]["tokens"]
+    rows = []
+    for name, r in results.items():
+        median = statistics.median(r["samples"])
+        rows.append({
+            "config": name, "context": context, "batch": batch, "new_tokens": new_tokens,
+            "decode_ms": median, "min_ms": min(r["samples"]), "max_ms": max(r["samples"]),
+            "tokens_per_s": 1000 * batch / median, "vs_fastest_hf": fastest_hf / median,
+            "ceiling_ms": ceiling, "of_ceiling": ceiling / median,
+            "same_tokens_as_hf": bool(torch.equal(r["tokens"], reference)),
+        })
+    return rows
+
+
+def render(rows: list[dict], bandwidth: float) -> None:
+    table = Table(title=f"SmolLM2 greedy generate, decode ms/token (median [min-max]); read bandwidth "
+                        f"{bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
+    for col in ("context", "batch", "config", "ms/token", "tokens/s", "vs fastest HF", "of ceiling", "same tokens"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["context"]), str(r["batch"]), r["config"],
+                      f"{r['decode_ms']:.1f} [{r['min_ms']:.1f}-{r['max_ms']:.1f}]", f"{r['tokens_per_s']:.1f}",
+                      f"{r['vs_fastest_hf']:.2f}x", f"{100 * r['of_ceiling']:.0f}%", str(r["same_tokens_as_hf"]))
+    Console(width=170).print(table)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile-hf", action="store_true", help="add HF static cache + torch.compile")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     model = tokenpass.load("smollm2")
-    optimized = tokenpass.optimize(model, name="smollm2")
-    ids = token_ids(load_tokenizer("smollm2"), read_text(), max(args.contexts))
+    configs = peers(model, args.compile_hf)
+    ids = token_ids(load_tokenizer("smollm2"), read_text(), max(args.contexts) + max(args.batches))
+    bandwidth = read_bandwidth()
     rows = []
     for context in args.contexts:
-        prompt = torch.tensor([ids[:context]])
-        time_tokenpass(optimized, prompt[:, :16], 2)  # warm-up
-        time_hf(model, prompt[:, :16], 2)
-        hf_prefill, hf_decode, hf_out = time_hf(model, prompt, args.new_tokens)
-        tp_prefill, tp_decode, tp_out = time_tokenpass(optimized, prompt, args.new_tokens)
-        rows.append({
-            "context": context, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-            "hf_decode_ms": 1000 * hf_decode, "tokenpass_decode_ms": 1000 * tp_decode,
-            "decode_speedup_vs_hf": hf_decode / tp_decode, "hf_prefill_s": hf_prefill, "tokenpass_prefill_s": tp_prefill,
-            "same_tokens": bool(torch.equal(hf_out, tp_out)),
-        })
+        for batch in args.batches:
+            prompt = torch.tensor([ids[i : i + context] for i in range(batch)])
+            results = measure(configs, prompt, args.new_tokens, args.rounds)
+            rows += summarise(results, context, batch, args.new_tokens, ceiling_ms(model, context, bandwidth, batch))
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title="SmolLM2 greedy decode: tokenpass runtime (no passes) vs transformers generate")
-    for col in ("context", "HF ms/token", "tokenpass ms/token", "speed-up vs HF", "HF prefill s",
-                "tokenpass prefill s", "same tokens"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["context"]), f"{r['hf_decode_ms']:.1f}", f"{r['tokenpass_decode_ms']:.1f}",
-                      f"{r['decode_speedup_vs_hf']:.2f}x", f"{r['hf_prefill_s']:.2f}", f"{r['tokenpass_prefill_s']:.2f}",
-                      str(r["same_tokens"]))
-    Console(width=160).print(table)
+        print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    else:
+        render(rows, bandwidth)
 
 
 if __name__ == "__main__":

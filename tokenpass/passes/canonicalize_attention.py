@@ -37,6 +37,7 @@ import torch
 from torch import fx
 
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.op_registry import lookup_attention
 from tokenpass.ir.ops import attention_op
 from tokenpass.ir.sites import SDPA, AttentionSite, enclosing_layer, tensor_meta
 from tokenpass.passes.base import Miss, Pass, PassResult
@@ -50,13 +51,11 @@ NO_ATTENTION = (
     "attn_implementation='sdpa' or 'eager'"
 )
 ASSERT_METADATA = torch.ops.aten._assert_tensor_metadata.default
-SOFTCAP_ARG = 7  # position of ``softcap`` in ``tokenpass.attention``'s arguments
 
 
 def attention_softcap(node: fx.Node) -> float | None:
-    """The soft-cap of a ``tokenpass.attention`` node (``None``: none; graphs from before it had none)."""
-    args = list(node.args) + [None] * (SOFTCAP_ARG + 1 - len(node.args))
-    return node.kwargs.get("softcap", args[SOFTCAP_ARG])
+    """The soft-cap of a ``tokenpass.attention`` node (``None``: none), read by its registered role."""
+    return lookup_attention(node).arg(node, "softcap")
 
 
 def check_site(site: AttentionSite, node: fx.Node) -> Miss | None:
@@ -139,6 +138,15 @@ class CanonicalizeAttention(Pass):
                 result.counts["gqa_head_repeat_folded"] += 1
         result.modified = bool(result.replaced)
         return result
+
+    def ensures(self, graph: TokenGraph) -> list[Miss]:
+        """Canonical means *all* attention is canonical: an eager chain left unrecognised (say, one with
+        attention sinks) still reads the explicit past, so no later pass may treat the graph as canonical."""
+        left, misses = match_eager_attention(graph.graph)
+        unrewritten = [Miss(f"{m.output.name}", "eager attention rewritten", "a matched chain is still in the graph")
+                       for m in left]
+        return misses + unrewritten or ([] if graph.sites().attention else [Miss(graph.label, "attention op present",
+                                                                                  NO_ATTENTION)])
 
     def _rewrite_eager(self, graph: TokenGraph, match: EagerAttention, order: int, result: PassResult) -> None:
         """Replace the final ``matmul(probs, v)`` with the canonical op and erase the chain it made dead."""

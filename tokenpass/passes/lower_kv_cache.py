@@ -24,6 +24,8 @@ Exact: the runtime runs the lowered step with the original's inputs and reproduc
 
 from __future__ import annotations
 
+import torch
+
 from tokenpass.ir.capture import sample_inputs
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.ir.masks import first_difference, node_values
@@ -34,6 +36,7 @@ from tokenpass.passes.base import Miss, Pass, PassResult
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node, replace_output
 
+PAST_PREFIXES = ("past_keys", "past_values")  # the capture's past-cache inputs (``ir/capture.py``)
 MASK_PROBE_PAST = 64  # past length of the mask probe: any window below it is seen, declared or not
 MASK_PROBE_MAX = 256  # declared windows up to half this are checked at their edge
 
@@ -63,6 +66,22 @@ def mask_misses(graph: TokenGraph, sites: list[AttentionSite]) -> list[Miss]:
         if difference is not None:
             misses.append(Miss(site.label, "mask is causal + padding" + (f" + window {window}" if window else ""), difference))
     return misses
+
+
+SIZE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.size.default}
+
+
+def live_past_reads(graph: TokenGraph) -> list[tuple[str, str]]:
+    """``(past input, node)`` pairs where a node that feeds an output reads a past-cache input's data."""
+    live, todo = set(), [n for n in graph.graph.nodes if n.op == "output"]
+    while todo:
+        node = todo.pop()
+        if node not in live:
+            live.add(node)
+            todo.extend(node.all_input_nodes)
+    pasts = [n for n in graph.graph.nodes if n.op == "placeholder" and n.name.startswith(PAST_PREFIXES)]
+    return [(p.name, u.name) for p in pasts for u in p.users
+            if u in live and u.op != "output" and u.target not in SIZE_OPS]
 
 
 @register
@@ -118,9 +137,13 @@ class LowerKVCache(Pass):
             result.counts["softcap_layers"] += 1
 
     def ensures(self, graph: TokenGraph) -> list[Miss]:
-        """Every attention site reads the runtime cache (a graph with none, or some, is not lowered)."""
+        """Every attention site reads the runtime cache, and nothing live still reads the past-cache inputs
+        (which the runtime feeds empty): the check is on the graph, so attention the canonicalisation did
+        not recognise cannot slip through."""
         sites = graph.sites().attention
         left = [s for s in sites if not lookup_attention(graph.node(s.node)).reads_runtime_cache]
         if not sites:
             return [Miss(graph.label, "attention on the runtime cache", "the graph has no attention sites")]
-        return [Miss(s.label, "attention on the runtime cache", f"still {s.op}") for s in left]
+        misses = [Miss(s.label, "attention on the runtime cache", f"still {s.op}") for s in left]
+        return misses + [Miss(graph.label, "past cache inputs unread", f"{name} is still read by {user}")
+                         for name, user in live_past_reads(graph)]
