@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 
@@ -71,8 +72,16 @@ def optimize(
     graph raises ``PassError`` with its reason.
     """
     requested = user_passes(passes)
+    return optimize_graphs(capture(model, name=name), requested, verify=verify, lower=lower)
+
+
+def optimize_graphs(
+    graphs: dict[str, TokenGraph], passes: "Sequence[str | Pass | type[Pass]]" = (), verify: bool = False,
+    lower: bool = True,
+) -> OptimizedModel:
+    """``optimize`` on graphs captured already (rewritten in place: pass ``fork(graphs)`` to keep them)."""
+    requested = user_passes(passes)
     manager = PassManager(pipeline(requested, lower), verify=verify)
-    graphs = capture(model, name=name)
     reports = {}
     for phase, graph in graphs.items():
         with status(f"running passes on the {phase} graph"):
@@ -82,6 +91,14 @@ def optimize(
         warn_not_lowered(reports)
     spec = next(iter(graphs.values())).spec
     return OptimizedModel(spec, graphs, reports)
+
+
+def fork(graphs: dict[str, TokenGraph]) -> dict[str, TokenGraph]:
+    """Independent copies of captured graphs for another pass list, sharing the (unmodified) weights:
+    capturing once and forking is how one process compares configurations without re-exporting."""
+    weights = {id(t): t for graph in graphs.values() for t in (*graph.program.state_dict.values(),
+                                                                *graph.program.constants.values())}
+    return copy.deepcopy(graphs, memo=dict(weights))
 
 
 def check_requested(requested: list[Pass], reports: dict[str, list[PassResult]]) -> None:

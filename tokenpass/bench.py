@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenpass.api import optimize
+from tokenpass.api import capture, fork, optimize_graphs, user_passes
 from tokenpass.errors import TokenpassError
 from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.memory import PeakMemory
@@ -114,9 +114,12 @@ def bench(
     _validate(model, context, continuation, len(token_ids))
     ids = torch.tensor(list(token_ids[: context + continuation]), dtype=torch.long)
     prompt, cont = ids[:context].view(1, -1), ids[context:]
+    for pass_list in configs.values():  # every name and option checked before any work
+        user_passes(pass_list)
+    captured = capture(model, name=name)
     results, base, base_greedy = [], None, None
     for label, pass_list in {BASELINE: [], **configs}.items():
-        optimized = optimize(model, passes=pass_list, name=name)
+        optimized = optimize_graphs(fork(captured), pass_list)
         run = teacher_forced(optimized, prompt, cont, label)
         greedy = optimized.generate(prompt, max_new_tokens=greedy_tokens)[0, context:] if greedy_tokens else None
         if base is None:
