@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenpass.api import optimize
+from tokenpass.api import check_passes, optimize
 from tokenpass.errors import TokenpassError
 from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.memory import PeakMemory
@@ -109,9 +109,14 @@ def bench(
     greedy_tokens: int = 32,
     name: str | None = None,
 ) -> dict:
-    """Measure ``passes`` (one list, or a mapping of configuration name -> list) against the baseline."""
-    configs = dict(passes) if isinstance(passes, Mapping) else {"optimized": list(passes)}
+    """Measure ``passes`` (one list, or a mapping of configuration name -> list) against the baseline.
+
+    Every configuration's passes are checked (names, options, order, the model's shape) before the
+    baseline runs: a typo in the last configuration must not cost the minutes of the first ones.
+    """
+    configs = dict(passes) if isinstance(passes, Mapping) else {"optimized": passes}
     _validate(model, context, continuation, len(token_ids))
+    check_passes(model, list(configs.values()), name=name)
     ids = torch.tensor(list(token_ids[: context + continuation]), dtype=torch.long)
     prompt, cont = ids[:context].view(1, -1), ids[context:]
     results, base, base_greedy = [], None, None
