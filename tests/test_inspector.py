@@ -17,7 +17,7 @@ def _json(*args):
 
 
 def test_json_report_of_a_tiny_model_with_passes():
-    report = _json("llama", "--passes", "canonicalize_attention,dce")
+    report = _json("llama", "--passes", "canonicalize_attention,dce", "--no-lower")  # exactly these passes
     assert report["num_layers"] == 4 and len(report["attention_sites"]) == 4
     assert {s["op"] for s in report["attention_sites"]} == {"tokenpass.attention"}
     canon, dce = report["passes"]
@@ -37,7 +37,7 @@ def test_smollm2_report_has_30_attention_sites():
 
 def test_text_dot_and_svg_outputs(tmp_path):
     text = runner.invoke(app, ["inspect", "gpt2", "--passes", "canonicalize_attention"])
-    assert text.exit_code == 0 and "attention sites (4)" in text.stdout and "sdpa_to_tokenpass_attention=4" in text.stdout
+    assert text.exit_code == 0 and "attention by layer (4 sites)" in text.stdout and "sdpa_to_tokenpass_attention=4" in text.stdout
     dot = runner.invoke(app, ["inspect", "gpt2", "--format", "dot"])
     assert dot.stdout.startswith('digraph "gpt2/decode"') and dot.stdout.count("(GPT2Block)") == 4
     svg_path = tmp_path / "layers.svg"
@@ -48,7 +48,8 @@ def test_text_dot_and_svg_outputs(tmp_path):
 
 def test_saved_program_round_trip(tmp_path):
     path = tmp_path / "decode.pt2"
-    assert runner.invoke(app, ["capture", "mistral", "-o", str(path), "--passes", "canonicalize_attention"]).exit_code == 0
+    args = ["capture", "mistral", "-o", str(path), "--passes", "canonicalize_attention", "--no-lower"]
+    assert runner.invoke(app, args).exit_code == 0
     report = _json(str(path))
     assert len(report["attention_sites"]) == 4
     assert {s["op"] for s in report["attention_sites"]} == {"tokenpass.attention"}
