@@ -268,7 +268,7 @@ def diff_tables(passes: list[dict]) -> list[Table]:
             node, op, origin = name, info.get("op", "?"), info.get("module") or "-"
             if kind == "~":  # the new node carries its provenance: which pass made it from which node
                 new = p["replaced"][name]
-                node, op = f"{name} -> {new}", f"{op} -> {p['nodes'].get(new, {}).get('op', '?')}"
+                node, op = f"{name}\n-> {new}", f"{op}\n-> {p['nodes'].get(new, {}).get('op', '?')}"
             elif kind == "+" and (info.get("made_by") or {}).get("replaces"):
                 origin = f"{origin}; from {info['made_by']['replaces']}"
             layer = info.get("layer")
