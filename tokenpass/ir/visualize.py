@@ -277,7 +277,7 @@ def to_png(g: nx.MultiDiGraph, title: str, scale: float = 2.0) -> bytes:
             _dashed(draw, curve, _CROSS, scale)
             _head(draw, curve[-2], curve[-1], _CROSS, scale)
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format="PNG", optimize=True)
     return out.getvalue()
 
 
