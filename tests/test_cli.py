@@ -77,6 +77,8 @@ def test_help_is_user_text_not_docstrings():
         assert "`" not in result.output, result.output
         assert "Usage: tokenpass" in result.output
     assert "--diff" in runner.invoke(app, ["inspect", "--help"]).output
+    bare = runner.invoke(app, [], prog_name="tokenpass")  # no command: the help, exit 2 as click does
+    assert bare.exit_code == 2 and "Usage: tokenpass" in bare.stdout and not bare.stderr.strip()
 
 
 def test_bench_refuses_a_bad_pass_in_any_configuration_before_the_baseline(monkeypatch):

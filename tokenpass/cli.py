@@ -36,8 +36,9 @@ class OneLineErrors(TyperGroup):
         except TokenpassError as exc:
             fail(str(exc))
         except USER_ERRORS as exc:
-            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `tokenpass`: the help text, as click does
-                exc.show()
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `tokenpass`: the help, exit 2 as click does
+                if exc.format_message().strip():  # typer's rich help has printed itself already
+                    typer.echo(exc.format_message())
                 sys.exit(USAGE_EXIT)
             fail(usage_line(exc), getattr(exc, "exit_code", USAGE_EXIT) or USAGE_EXIT)
         except typer.Abort:

@@ -133,7 +133,7 @@ class Pass(ABC):
         after = {node.name: node for node in graph.graph.nodes}
         result.added, result.removed = sorted(after.keys() - before.keys()), sorted(before.keys() - after.keys())
         # Erased nodes keep their target and meta, so removed nodes can still be described.
-        result.nodes = {name: node_info(after.get(name) or before[name])
+        result.nodes = {name: node_info(after[name] if name in after else before[name])
                         for name in {*result.added, *result.removed, *result.replaced, *result.replaced.values()}
                         if name in after or name in before}
         graph.properties -= self.invalidates
