@@ -10,7 +10,7 @@ from torch import nn
 
 from tokenpass.errors import PassError, TokenpassError
 from tokenpass.ir.capture import PHASES, export_phase, model_name, probe
-from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.graph import CAPTURED_PROPERTIES, TokenGraph
 from tokenpass.passes import Pass, PassManager, PassResult
 from tokenpass.passes.registry import make_pass
 from tokenpass.progress import status
@@ -21,11 +21,20 @@ class TokenpassWarning(UserWarning):
     """A pass that could not apply; the model still runs exactly, without it."""
 
 
-def capture(model: nn.Module, phases: Sequence[str] = PHASES, name: str | None = None) -> dict[str, TokenGraph]:
-    """Export ``model``'s prefill and decode steps as ``TokenGraph``s (the model itself is not modified)."""
+def capture(
+    model: nn.Module, phases: Sequence[str] = PHASES, name: str | None = None, passes: Sequence[Pass] = ()
+) -> dict[str, TokenGraph]:
+    """Export ``model``'s prefill and decode steps as ``TokenGraph``s (the model itself is not modified,
+    its training flag included).
+
+    ``passes`` are checked against the model's shape (``Pass.check_model``) between the cheap probe and
+    the slow export, so an option the model rules out fails in seconds.
+    """
     name = name or model_name(model)
     with status(f"probing {name}"):
         spec = probe(model, name)
+    for p in passes:
+        p.check_model(spec)
     graphs = {}
     for phase in phases:
         with status(f"exporting {name} {phase} step with torch.export"):
@@ -43,6 +52,29 @@ def pipeline(passes: Sequence[Pass], lower: bool) -> list["str | Pass"]:
     explicitly as well does no harm.
     """
     return [*LOWER_FIRST, *passes, *CLEAN_UP] if lower else list(passes)
+
+
+def plan(passes: "Sequence[str | Pass | type[Pass]]", lower: bool = True, verify: bool = False
+         ) -> tuple[list[Pass], PassManager]:
+    """The caller's passes and the manager running the full pipeline, with every name, option and the
+    pass order checked: all that can fail without the model fails here, before any work."""
+    requested = user_passes(passes)
+    manager = PassManager(pipeline(requested, lower), verify=verify)
+    manager.check_order(set(CAPTURED_PROPERTIES))
+    return requested, manager
+
+
+def check_passes(model: nn.Module, pass_lists: "Sequence[Sequence[str | Pass | type[Pass]]]", lower: bool = True,
+                 name: str | None = None) -> None:
+    """Check several pass lists against ``model`` at once (names, options, order, then the model's shape
+    after one cheap probe): a benchmark refuses a bad configuration before it runs the good ones."""
+    checked = [plan(passes, lower)[0] for passes in pass_lists]
+    name = name or model_name(model)
+    with status(f"probing {name}"):
+        spec = probe(model, name)
+    for requested in checked:
+        for p in requested:
+            p.check_model(spec)
 
 
 def user_passes(passes: "Sequence[str | Pass | type[Pass]]") -> list[Pass]:
@@ -71,8 +103,8 @@ def optimize(
     ``TokenpassWarning`` naming the layer and the reason; a pass the caller asked for that applies on no
     graph raises ``PassError`` with its reason.
     """
-    requested = user_passes(passes)
-    return optimize_graphs(capture(model, name=name), requested, verify=verify, lower=lower)
+    requested, _ = plan(passes, lower, verify)
+    return optimize_graphs(capture(model, name=name, passes=requested), requested, verify=verify, lower=lower)
 
 
 def optimize_graphs(
@@ -80,8 +112,7 @@ def optimize_graphs(
     lower: bool = True,
 ) -> OptimizedModel:
     """``optimize`` on graphs captured already (rewritten in place: pass ``fork(graphs)`` to keep them)."""
-    requested = user_passes(passes)
-    manager = PassManager(pipeline(requested, lower), verify=verify)
+    requested, manager = plan(passes, lower, verify)
     reports = {}
     for phase, graph in graphs.items():
         with status(f"running passes on the {phase} graph"):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenpass.api import capture, fork, optimize_graphs, user_passes
+from tokenpass.api import capture, check_passes, fork, optimize_graphs
 from tokenpass.errors import TokenpassError
 from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.memory import PeakMemory
@@ -109,14 +109,17 @@ def bench(
     greedy_tokens: int = 32,
     name: str | None = None,
 ) -> dict:
-    """Measure ``passes`` (one list, or a mapping of configuration name -> list) against the baseline."""
-    configs = dict(passes) if isinstance(passes, Mapping) else {"optimized": list(passes)}
+    """Measure ``passes`` (one list, or a mapping of configuration name -> list) against the baseline.
+
+    Every configuration's passes are checked (names, options, order, the model's shape) before the
+    baseline runs: a typo in the last configuration must not cost the minutes of the first ones.
+    """
+    configs = dict(passes) if isinstance(passes, Mapping) else {"optimized": passes}
     _validate(model, context, continuation, len(token_ids))
+    check_passes(model, list(configs.values()), name=name)
     ids = torch.tensor(list(token_ids[: context + continuation]), dtype=torch.long)
     prompt, cont = ids[:context].view(1, -1), ids[context:]
-    for pass_list in configs.values():  # every name and option checked before any work
-        user_passes(pass_list)
-    captured = capture(model, name=name)
+    captured = capture(model, name=name)  # once: each configuration rewrites its own fork
     results, base, base_greedy = [], None, None
     for label, pass_list in {BASELINE: [], **configs}.items():
         optimized = optimize_graphs(fork(captured), pass_list)

@@ -18,9 +18,11 @@ the model once on two tokens and reading the cache it returns.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -107,12 +109,25 @@ def check_causal_lm(model: nn.Module) -> None:
         )
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode (dropout off, as inference sees it) and give every submodule back its
+    own ``training`` flag afterwards: capturing a model must not change the caller's module."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
 def probe(model: nn.Module, name: str) -> ModelSpec:
     """Run the model once on two tokens and read the cache layout it produces."""
     check_causal_lm(model)
     ids = torch.zeros((1, 2), dtype=torch.long)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         logits, cache = out.logits, out.past_key_values
         layers = cache.layers
@@ -183,9 +198,10 @@ def export_phase(model: nn.Module, spec: ModelSpec, phase: str) -> torch.export.
     """
     if phase not in PHASES:
         raise CaptureError(f"unknown phase '{phase}': choose one of {PHASES}")
-    step = CausalLMStep(model).eval()
-    program = _trace(step, spec, phase, batch=SAMPLE_BATCH)
-    admit_one_row_batches(step, spec, phase, program)
+    with eval_mode(model):
+        step = CausalLMStep(model).eval()
+        program = _trace(step, spec, phase, batch=SAMPLE_BATCH)
+        admit_one_row_batches(step, spec, phase, program)
     return program
 
 

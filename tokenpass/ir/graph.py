@@ -21,6 +21,10 @@ from tokenpass.ir.requests import PolicySpec, SlotState
 from tokenpass.ir.sites import GraphSites, find_sites, op_histogram
 from tokenpass.ir.visualize import dataflow
 
+# What every freshly captured or loaded graph guarantees before any pass runs (pass orders are checked
+# against this before capture starts).
+CAPTURED_PROPERTIES: frozenset[str] = frozenset({"captured"})
+
 
 class TokenGraph:
     """One captured step (``prefill`` or ``decode``) of a model, or a program loaded from disk."""
@@ -32,7 +36,7 @@ class TokenGraph:
         self.version = 0
         self._sites: GraphSites | None = None
         self._module: torch.nn.Module | None = None
-        self.properties: set[str] = {"captured"}
+        self.properties: set[str] = set(CAPTURED_PROPERTIES)
         # What method passes ask of the runtime, as plain data (see ``ir/requests.py``).
         self.slot_states: list[SlotState] = []
         self.policies: list[PolicySpec] = []
@@ -100,7 +104,20 @@ class TokenGraph:
         return op_histogram(self.graph)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.program.state_dict.values() if isinstance(p, torch.Tensor))
+        """Elements of the program's parameters, each tensor counted once: tied weights (an LM head
+        sharing the embedding matrix) are one tensor under two names."""
+        names = self.program.graph_signature.parameters or list(self.program.state_dict)
+        tensors = [self.program.state_dict.get(name) for name in names]
+        seen: set[tuple] = set()
+        total = 0
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel()
+        return total
 
     def signature(self) -> dict[str, list[dict]]:
         """User inputs and outputs with dtype and (symbolic) shape."""

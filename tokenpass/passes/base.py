@@ -20,8 +20,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from tokenpass.ir.capture import PHASES
+import torch
+from torch import fx
+
+from tokenpass.ir.capture import PHASES, ModelSpec
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.sites import enclosing_layer, innermost_module
 from tokenpass.passes.options import check_options
 
 
@@ -49,6 +53,8 @@ class PassResult:
     replaced: dict[str, str] = field(default_factory=dict)  # old node -> new node
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    # Every added, removed or replaced node: its op, decoder layer, module and provenance (``node_info``).
+    nodes: dict[str, dict] = field(default_factory=dict)
     applicable: bool = True
     skipped: str | None = None  # why the pass did not run on this graph at all
     phase_skipped: bool = False  # skipped because the pass targets other phases (not a failure)
@@ -74,8 +80,24 @@ class PassResult:
             "replaced": dict(self.replaced),
             "added": list(self.added),
             "removed": list(self.removed),
+            "nodes": dict(self.nodes),
             "misses": [asdict(m) for m in self.misses],
         }
+
+
+def node_info(node: fx.Node) -> dict:
+    """What a diff shows of a node: its op, the decoder layer and module it belongs to, and which pass
+    made it from which node (``meta["tokenpass"]``, set by ``passes/rewrite.py``)."""
+    layer = enclosing_layer(node)
+    target = node.target
+    op = (str(target) if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket)
+          else getattr(target, "__name__", str(target))) if node.op == "call_function" else node.op
+    return {
+        "op": op,
+        "layer": layer[0] if layer else None,
+        "module": innermost_module(node),
+        "made_by": node.meta.get("tokenpass"),
+    }
 
 
 class Pass(ABC):
@@ -96,15 +118,24 @@ class Pass(ABC):
     def validate(self) -> None:
         """Refuse option values the annotations admit but the pass cannot use (raise ``PassError``)."""
 
+    def check_model(self, spec: ModelSpec) -> None:
+        """Refuse options this model's shape rules out (raise ``PassError``), e.g. a layer it does not have.
+        ``optimize`` calls it right after the cheap probe and before the slow export, so such a mistake
+        costs seconds, not a capture. Default: nothing to check."""
+
     def __call__(self, graph: TokenGraph) -> PassResult:
         if graph.phase is not None and graph.phase not in self.phases:
             return PassResult(self.name, graph, skipped=f"applies to {'/'.join(self.phases)} only", phase_skipped=True)
-        before = graph.node_names()
+        before = {node.name: node for node in graph.graph.nodes}
         result = self.run(graph)
         if result.modified:
             graph.mark_changed()
-        after = graph.node_names()
-        result.added, result.removed = sorted(after - before), sorted(before - after)
+        after = {node.name: node for node in graph.graph.nodes}
+        result.added, result.removed = sorted(after.keys() - before.keys()), sorted(before.keys() - after.keys())
+        # Erased nodes keep their target and meta, so removed nodes can still be described.
+        result.nodes = {name: node_info(after[name] if name in after else before[name])
+                        for name in {*result.added, *result.removed, *result.replaced, *result.replaced.values()}
+                        if name in after or name in before}
         graph.properties -= self.invalidates
         unmet = self.ensures(graph) if self.provides else []
         if unmet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -82,8 +83,7 @@ class OptimizedModel:
         (a recent window unless an eviction pass chooses), so memory stays bounded.
         """
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
-        if max_new_tokens < 0:
-            raise TokenpassError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        max_new_tokens = _count("max_new_tokens", max_new_tokens)
         limit = self.spec.max_positions
         if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
             raise TokenpassError(
@@ -96,18 +96,65 @@ class OptimizedModel:
             session, input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, streamer
         )
 
-    def _check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    def _check_prompt(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt as the graphs take it (``long`` ids and mask), or a one-line error naming the
+        argument: what reaches the graphs unchecked fails many frames deep in torch, or silently."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise TokenpassError("input_ids must be a 2-D tensor [batch, tokens]")
         if input_ids.shape[1] == 0:
             raise TokenpassError("the prompt is empty: input_ids has 0 tokens")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TokenpassError(f"input_ids must hold integer token ids, got dtype {_dtype(input_ids)}")
         limit = self.spec.max_positions
         if limit is not None and input_ids.shape[1] > limit:
             raise TokenpassError(f"prompt of {input_ids.shape[1]} tokens exceeds the model's {limit} positions")
+        _check_ids(input_ids, self.spec.vocab_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TokenpassError(f"attention_mask must be a tensor like input_ids, got {type(attention_mask).__name__}")
         if attention_mask.shape != input_ids.shape:
             raise TokenpassError(
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
             )
-        return input_ids, attention_mask.to(torch.long)
+        _check_mask(attention_mask)
+        return input_ids.to(torch.long), attention_mask.to(torch.long)
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _count(name: str, value: object) -> int:
+    """A non-negative integer argument (numpy and torch integers accepted; 2.5 and True are not)."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or isinstance(value, bool) or count < 0:
+        raise TokenpassError(f"{name} must be a non-negative integer, got {value!r}")
+    return count
+
+
+def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids index the embedding: outside ``[0, vocab_size)`` torch fails deep in ``embedding``."""
+    bad = (input_ids < 0) | (input_ids >= vocab_size)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise TokenpassError(f"input_ids must be token ids in [0, {vocab_size}) (the model's vocabulary), "
+                             f"got {int(input_ids[row, col])} at row {row}, position {col}")
+
+
+def _check_mask(attention_mask: torch.Tensor) -> None:
+    """Only 0 (padding) and 1 (token), and at least one token per row. What HF returns for an all-padding
+    row is an artefact of attending over no key, not a defined result, so the row is refused rather than
+    answered differently."""
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        values = sorted({str(v) for v in attention_mask.flatten().tolist() if v not in (0, 1)})
+        shown = ", ".join(values[:3])
+        raise TokenpassError(f"attention_mask must hold only 0 (padding) and 1 (token), found {shown}")
+    empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+    if empty:
+        raise TokenpassError(f"attention_mask row {empty[0]} is all zeros: every row needs at least one token")

@@ -46,6 +46,7 @@ from typing import ClassVar, Literal
 import torch
 
 from tokenpass.errors import PassError
+from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.ir.ops import cached_attention_op
 from tokenpass.ir.requests import PolicySpec, SlotState
@@ -135,6 +136,10 @@ class TidalDecode(Pass):
         selection layers."""
         return cls(top_k=top_k, selection_layers="paper", per_kv_head=False, sparse_selection_output=False,
                    score_dtype=None, score_fraction=1.0, **options)
+
+    def check_model(self, spec: ModelSpec) -> None:
+        """Selection layers and ``sparse_start`` must exist in this model: checked before export."""
+        self.resolve_layers(spec.num_layers)
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The selection layers for a model of ``num_layers``; out-of-range choices are errors."""
