@@ -75,9 +75,12 @@ def _convert_smollm2(target: Path) -> None:
 
 
 def _progress(description: str):
+    """A spinner on stderr (stdout stays clean for ``--json``)."""
+    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    progress = Progress(SpinnerColumn(), TextColumn(description), TimeElapsedColumn(), transient=True)
+    progress = Progress(SpinnerColumn(), TextColumn(description), TimeElapsedColumn(), transient=True,
+                        console=Console(stderr=True))
     progress.add_task(description, total=None)
     return progress
 
