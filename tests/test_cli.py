@@ -90,7 +90,7 @@ def test_bench_refuses_a_bad_pass_in_any_configuration_before_the_baseline(monke
 
 
 def test_bench_checks_the_model_shape_of_every_configuration_before_the_baseline(monkeypatch):
-    monkeypatch.setattr("tokenpass.bench.optimize", _must_not_run("the baseline"))
+    monkeypatch.setattr("tokenpass.bench.capture", _must_not_run("the baseline"))
     model = tokenpass.tiny("llama")
     configs = {"fine": ["dce"], "bad": ["tidaldecode:selection_layers=99"]}
     with pytest.raises(PassError, match="selection layer 99 is out of range .the model has 4 layers"):
