@@ -113,7 +113,7 @@ def test_streamer_sees_every_new_token_in_order(llama):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
     (dict(top_p=1.5), "top_p must be in"),
-    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be a non-negative integer"),
 ])
 def test_bad_generation_arguments(llama, kwargs, message):
     _, optimized = llama
