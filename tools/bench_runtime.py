@@ -114,7 +114,7 @@ def summarise(results: dict[str, dict], context: int, batch: int, new_tokens: in
 
 
 def render(rows: list[dict], bandwidth: float) -> None:
-    table = Table(title=f"SmolLM2 greedy generate, decode ms/token (median [min-max]); read bandwidth "
+    table = Table(title=f"SmolLM2 greedy generate, decode ms/token (median \\[min-max]); read bandwidth "
                         f"{bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
     for col in ("context", "batch", "config", "ms/token", "tokens/s", "vs fastest HF", "of ceiling", "same tokens"):
         table.add_column(col, justify="right")
