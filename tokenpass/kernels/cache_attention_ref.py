@@ -14,15 +14,18 @@ import torch.nn.functional as F
 from tokenpass.kernels.attention_ref import expand_kv_heads
 
 
-def step_mask(valid: torch.Tensor | None, new_tokens: int, slots: int) -> torch.Tensor | None:
+def step_mask(
+    valid: torch.Tensor | None, new_tokens: int, slots: int, device: torch.device | str | None = None
+) -> torch.Tensor | None:
     """``[B, H_kv, T, S]`` visibility: a live slot, not after the query (the last ``T`` slots are the step's).
 
     Each query also sees its own slot, so a padding query never has an empty row (which would give NaN
-    that leaks through ``0 * NaN`` into real rows).
+    that leaks through ``0 * NaN`` into real rows). The mask is made on ``valid``'s device, else on
+    ``device`` (the queries': a CPU mask cannot go with CUDA queries), else on CPU.
     """
     if valid is None and new_tokens == 1:
         return None
-    query_slot = torch.arange(slots - new_tokens, slots, device=valid.device if valid is not None else "cpu")
+    query_slot = torch.arange(slots - new_tokens, slots, device=valid.device if valid is not None else device)
     slot = torch.arange(slots, device=query_slot.device)
     causal = slot[None, :] <= query_slot[:, None]  # [T, S]
     if valid is None:
@@ -140,13 +143,14 @@ def _one_head_if_shared(x: torch.Tensor | None) -> torch.Tensor | None:
 
 def _visibility(
     valid: torch.Tensor | None, new_tokens: int, slots: int, window: int | None,
-    slot_positions: torch.Tensor | None, query_positions: torch.Tensor | None,
+    slot_positions: torch.Tensor | None, query_positions: torch.Tensor | None, device: torch.device,
 ) -> torch.Tensor | None:
-    """The step's mask, ``[B, 1, T, S]`` when every head sees the same slots, else ``[B, Hkv, T, S]``."""
+    """The step's mask, ``[B, 1, T, S]`` when every head sees the same slots, else ``[B, Hkv, T, S]``
+    (made on ``device``, the queries', when nothing else fixes it)."""
     if window is None:
         if valid is None or new_tokens == 1:
-            return step_mask(valid, new_tokens, slots)
-        return step_mask(_one_head_if_shared(valid), new_tokens, slots)
+            return step_mask(valid, new_tokens, slots, device)
+        return step_mask(_one_head_if_shared(valid), new_tokens, slots, device)
     shared_valid, shared_positions = _one_head_if_shared(valid), _one_head_if_shared(slot_positions)
     if (shared_valid is None or shared_valid.shape[1] == 1) and shared_positions.shape[1] == 1:
         valid, slot_positions = shared_valid, shared_positions
@@ -173,11 +177,11 @@ def cache_attention_reference(
         if t == 1:
             valid, window = window_valid(valid, slot_positions, query_positions, window), None
     if softcap is not None:
-        mask = _visibility(valid, t, s, window, slot_positions, query_positions)
+        mask = _visibility(valid, t, s, window, slot_positions, query_positions, query.device)
         return softcapped_attention(query, keys, values, mask, scale, softcap)
     if window is None:
         return _plain_cache_attention(query, keys, values, valid, scale)
-    mask = _visibility(valid, t, s, window, slot_positions, query_positions)
+    mask = _visibility(valid, t, s, window, slot_positions, query_positions, query.device)
     if mask.shape[1] != 1:
         return grouped_attention(query, keys, values, mask, scale)
     keys, values = expand_kv_heads(keys, query.shape[1]), expand_kv_heads(values, query.shape[1])
@@ -195,11 +199,11 @@ def _plain_cache_attention(
     """
     t, s = query.shape[2], keys.shape[2]
     if t == 1 or (valid is not None and not bool((valid == valid[:, :1]).all())):
-        return grouped_attention(query, keys, values, step_mask(valid, t, s), scale)
+        return grouped_attention(query, keys, values, step_mask(valid, t, s, query.device), scale)
     # Repeating KV heads costs O(S) here against O(T * S) attention, and keeps SDPA on its fused CPU
     # kernel, which ``enable_gqa`` would leave for the math path (a full score matrix per head).
     keys, values = expand_kv_heads(keys, query.shape[1]), expand_kv_heads(values, query.shape[1])
     if valid is None and s == t:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale)
-    mask = step_mask(valid[:, :1] if valid is not None else None, t, s)
+    mask = step_mask(valid[:, :1] if valid is not None else None, t, s, query.device)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)

@@ -53,10 +53,12 @@ class OptimizedModel:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, T, V]`` for a batch of prompts (left padding marked by ``attention_mask``)."""
+        """Logits ``[B, T, V]`` for a batch of prompts (left padding marked by ``attention_mask``), on the
+        model's device; inputs on another device (CPU ids for a CUDA model) are moved there first."""
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
+        position_ids = position_ids.to(self.spec.device)
         session = self.session(input_ids.shape[0], capacity=input_ids.shape[1])
         return session.step(input_ids, attention_mask, position_ids)
 
@@ -80,6 +82,9 @@ class OptimizedModel:
         ``streamer`` is called with each step's new tokens ``[B]`` as soon as they exist; ``seed`` makes
         sampling reproducible. ``kv_budget`` keeps at most that many cache slots per sequence and head
         (a recent window unless an eviction pass chooses), so memory stays bounded.
+
+        The prompt may live on any device (CPU ids for a CUDA model are moved to the model's device, as the
+        cache and every buffer of the loop are made there); the returned tokens are on the model's device.
         """
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         if max_new_tokens < 0:
@@ -97,6 +102,7 @@ class OptimizedModel:
         )
 
     def _check_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Validate the prompt; return it and its mask (ones when absent) as int64 on the model's device."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise TokenpassError("input_ids must be a 2-D tensor [batch, tokens]")
         if input_ids.shape[1] == 0:
@@ -104,10 +110,11 @@ class OptimizedModel:
         limit = self.spec.max_positions
         if limit is not None and input_ids.shape[1] > limit:
             raise TokenpassError(f"prompt of {input_ids.shape[1]} tokens exceeds the model's {limit} positions")
+        input_ids = input_ids.to(self.spec.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
             raise TokenpassError(
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
             )
-        return input_ids, attention_mask.to(torch.long)
+        return input_ids, attention_mask.to(self.spec.device, torch.long)
