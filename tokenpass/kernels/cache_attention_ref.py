@@ -51,6 +51,22 @@ def grouped_attention(
     return out.reshape(b, hq, t, values.shape[-1])
 
 
+UNFOLDED_DECODE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def unfolded_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Unmasked one-token attention in reduced precision: one query row per head, SDPA's own GQA.
+
+    Why not fold the group as ``grouped_attention`` does: in bf16/fp16 SDPA's CPU kernel rounds a block
+    of ``G`` query rows differently from ``G`` single rows (1 ulp in a few outputs), and later layers
+    amplify that to logit differences of 0.2-0.5 on SmolLM2, enough to flip greedy near-ties. HF runs
+    unmasked decode exactly like this (``enable_gqa=True``, which equals repeating the KV heads bit for
+    bit), so reduced-precision decode matches it exactly; it is no slower than folding in bf16. fp32 keeps
+    the fold (faster there, and differences stay at fp32 rounding level).
+    """
+    return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
+
+
 def check_softcap(softcap: float | None) -> None:
     """Reject a non-positive cap: ``tanh(s / 0)`` is NaN, and a negative cap flips the ranking of scores."""
     if softcap is not None and not softcap > 0:
@@ -196,8 +212,12 @@ def _plain_cache_attention(
     Decode folds query groups (no KV copy). A multi-token step whose heads all see the same slots (no
     per-head eviction) uses one ``[B, 1, T, S]`` mask, or SDPA's causal kernel when nothing is masked,
     rather than a per-head mask that would cost ``H * T * S`` bytes.
+
+    Unmasked decode in bf16/fp16 is the exception: see ``unfolded_decode``.
     """
     t, s = query.shape[2], keys.shape[2]
+    if t == 1 and valid is None and query.dtype in UNFOLDED_DECODE_DTYPES:
+        return unfolded_decode(query, keys, values, scale)
     if t == 1 or (valid is not None and not bool((valid == valid[:, :1]).all())):
         return grouped_attention(query, keys, values, step_mask(valid, t, s, query.device), scale)
     # Repeating KV heads costs O(S) here against O(T * S) attention, and keeps SDPA on its fused CPU
