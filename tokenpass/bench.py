@@ -6,6 +6,9 @@ next-token distribution is compared with the baseline's (the runtime with no met
 tests hold to the original model's logits and greedy tokens) on the same tokens: perplexity and its ratio, top-1 agreement
 and mean KL(baseline || optimised). A greedy continuation's common prefix is reported as illustration
 only: single greedy continuations diverge at the first near-tie even for good methods.
+
+Everything runs on the model's device: the tokens are moved there, CUDA timings wait for the queued
+work (``_clock``), and peak memory comes from the CUDA allocator there (the process's on CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 
 from tokenpass.api import capture, check_passes, fork, optimize_graphs
 from tokenpass.errors import TokenpassError
+from tokenpass.ir.capture import model_device
 from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.memory import PeakMemory
 from tokenpass.runtime.model import OptimizedModel
@@ -42,27 +46,36 @@ class Run:
     kv_read_bytes: int | None  # cache bytes the decode steps' attention read (None: no runtime cache)
 
 
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter`` once ``device`` has finished its queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def teacher_forced(model: OptimizedModel, context: torch.Tensor, continuation: torch.Tensor, label: str) -> Run:
-    """Prefill ``context`` [1, C], then decode ``continuation`` [M] one token per step."""
+    """Prefill ``context`` [1, C], then decode ``continuation`` [M] one token per step, on the model's device."""
+    device = model.spec.device
+    context, continuation = context.to(device), continuation.to(device)
     _warm_up(model, context)
-    valid = torch.ones((1, 1), dtype=torch.long)
+    valid = torch.ones((1, 1), dtype=torch.long, device=device)
     positions = positions_from_mask(torch.ones_like(context))
     rows = []
-    with PeakMemory() as memory, torch.no_grad():
+    with PeakMemory(device) as memory, torch.no_grad():
         session = model.session(1, capacity=context.shape[1] + len(continuation))
         with status(f"{label}: prefill of {context.shape[1]} tokens"):
-            start = time.perf_counter()
+            start = _clock(device)
             logits = session.step(context, torch.ones_like(context), positions, last_only=True)
-            prefill_s = time.perf_counter() - start
+            prefill_s = _clock(device) - start
         rows.append(logits[0, -1].float().log_softmax(-1))
         cache = session.cache
         read_before = getattr(cache, "bytes_read", None)
-        start = time.perf_counter()
+        start = _clock(device)
         for i in steps(range(len(continuation) - 1), f"{label}: decoding"):
             positions = positions[:, -1:] + 1
             logits = session.step(continuation[i].view(1, 1), valid, positions)
             rows.append(logits[0, -1].float().log_softmax(-1))
-        decode_s = time.perf_counter() - start
+        decode_s = _clock(device) - start
     read = None if read_before is None else cache.bytes_read - read_before
     return Run(torch.stack(rows), prefill_s, decode_s, len(continuation) - 1, cache.nbytes(), memory.peak_bytes, read)
 
@@ -109,7 +122,8 @@ def bench(
     greedy_tokens: int = 32,
     name: str | None = None,
 ) -> dict:
-    """Measure ``passes`` (one list, or a mapping of configuration name -> list) against the baseline.
+    """Measure ``passes`` (one list, or a mapping of configuration name -> list) against the baseline, on
+    the model's device (reported as ``device``).
 
     Every configuration's passes are checked (names, options, order, the model's shape) before the
     baseline runs: a typo in the last configuration must not cost the minutes of the first ones.
@@ -117,7 +131,8 @@ def bench(
     configs = dict(passes) if isinstance(passes, Mapping) else {"optimized": passes}
     _validate(model, context, continuation, len(token_ids))
     check_passes(model, list(configs.values()), name=name)
-    ids = torch.tensor(list(token_ids[: context + continuation]), dtype=torch.long)
+    device = model_device(model)
+    ids = torch.tensor(list(token_ids[: context + continuation]), dtype=torch.long, device=device)
     prompt, cont = ids[:context].view(1, -1), ids[context:]
     captured = capture(model, name=name)  # once: each configuration rewrites its own fork
     results, base, base_greedy = [], None, None
@@ -135,7 +150,7 @@ def bench(
         "context": context,
         "continuation": continuation,
         "greedy_tokens": greedy_tokens,
-        "device": "cpu",
+        "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "configs": results,
     }

@@ -14,12 +14,18 @@ and rewrite every cache read and update, and ONNX export can carry them.
 
 Nothing here is per-architecture: the cache layout (layers, KV heads, head dim) is learnt by running
 the model once on two tokens and reading the cache it returns.
+
+Capture happens on the model's own device and dtype (``model_device``): the probe, the traced sample
+inputs and therefore every device the exported programs record (``aten.arange(..., device=...)`` in
+mask code) follow the weights, and ``ModelSpec`` carries both to the runtime, which allocates the KV
+cache and every buffer there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import re
 from collections.abc import Iterator
@@ -39,7 +45,11 @@ SAMPLE_BATCH = 2  # rows of the traced sample: not 1, so that no op specialises 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What capture learnt about the model: enough to build caches and sample inputs."""
+    """What capture learnt about the model: enough to build caches and sample inputs.
+
+    ``dtype`` is that of the KV cache the model returns (its compute dtype, whatever its logits' dtype);
+    ``device`` is where its weights live. Caches and sample inputs are made on that device and dtype.
+    """
 
     name: str
     num_layers: int
@@ -49,16 +59,17 @@ class ModelSpec:
     max_positions: int | None
     dtype: torch.dtype
     layer_windows: tuple[int, ...] = ()  # per layer: sliding-window size, 0 for full attention
+    device: torch.device = torch.device("cpu")
 
     def window(self, layer: int) -> int:
         """Layer ``layer``'s sliding window (0: it sees every earlier position)."""
         return self.layer_windows[layer] if layer < len(self.layer_windows) else 0
 
     def empty_cache(self, batch: int, length: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Zero past keys and values of ``length`` positions for every layer."""
+        """Zero past keys and values of ``length`` positions for every layer, on the model's device."""
         shape = (batch, self.num_kv_heads, length, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         return keys, values
 
 
@@ -122,10 +133,18 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights live (its first parameter or buffer; CPU for a module with neither), as
+    HF's ``model.device`` reads it. A model split across devices is driven from its first one."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def probe(model: nn.Module, name: str) -> ModelSpec:
-    """Run the model once on two tokens and read the cache layout it produces."""
+    """Run the model once on two tokens, on its own device, and read the cache layout it produces."""
     check_causal_lm(model)
-    ids = torch.zeros((1, 2), dtype=torch.long)
+    ids = torch.zeros((1, 2), dtype=torch.long, device=model_device(model))
     try:
         with torch.no_grad(), eval_mode(model):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
@@ -135,7 +154,8 @@ def probe(model: nn.Module, name: str) -> ModelSpec:
         raise CaptureError(f"{type(model).__name__} is not a causal LM tokenpass can drive: {_first_line(exc)}")
     if not layers or logits.dim() != 3:
         raise CaptureError(f"{type(model).__name__} returned no KV cache or logits of rank {logits.dim()} (need 3)")
-    _, kv_heads, _, head_dim = layers[0].keys.shape
+    keys = layers[0].keys
+    _, kv_heads, _, head_dim = keys.shape
     config = getattr(model, "config", None)
     return ModelSpec(
         name=name,
@@ -144,8 +164,9 @@ def probe(model: nn.Module, name: str) -> ModelSpec:
         head_dim=int(head_dim),
         vocab_size=int(logits.shape[-1]),
         max_positions=getattr(config, "max_position_embeddings", None),
-        dtype=logits.dtype,
+        dtype=keys.dtype,
         layer_windows=layer_windows(config, len(layers)),
+        device=keys.device,
     )
 
 
@@ -163,17 +184,23 @@ def layer_windows(config, num_layers: int) -> tuple[int, ...]:
 
 
 def sample_inputs(spec: ModelSpec, phase: str, batch: int = 2, past: int = 3, new: int = 4) -> tuple:
-    """Inputs of one step with left padding on row 0, used for export and for numerical checks."""
+    """Inputs of one step with left padding on row 0, used for export and for numerical checks.
+
+    Drawn on CPU from a seeded generator (the same values whatever the device; a CPU generator cannot
+    fill CUDA tensors), then moved to the model's device, in its dtype.
+    """
     new = 1 if phase == "decode" else new
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec.vocab_size, (batch, new), generator=generator)
     mask = torch.ones((batch, past + new), dtype=torch.long)
     mask[0, : min(2, past + new - 1)] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-    keys, values = spec.empty_cache(batch, past)
-    keys = [torch.randn(k.shape, generator=generator, dtype=spec.dtype) for k in keys]
-    values = [torch.randn(v.shape, generator=generator, dtype=spec.dtype) for v in values]
-    return ids, mask, positions, keys, values
+    shape = (batch, spec.num_kv_heads, past, spec.head_dim)
+    keys = [torch.randn(shape, generator=generator, dtype=spec.dtype) for _ in range(spec.num_layers)]
+    values = [torch.randn(shape, generator=generator, dtype=spec.dtype) for _ in range(spec.num_layers)]
+    device = spec.device
+    return (ids.to(device), mask.to(device), positions.to(device), [k.to(device) for k in keys],
+            [v.to(device) for v in values])
 
 
 def _dynamic_shapes(spec: ModelSpec, phase: str, dynamic_batch: bool = True) -> dict:

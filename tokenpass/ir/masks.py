@@ -44,12 +44,12 @@ def visible(mask: torch.Tensor) -> torch.Tensor:
 
 def expected_visibility(attention_mask: torch.Tensor, new: int, window: int) -> torch.Tensor:
     """``[B, T, S]``: key j visible to query i iff j is a real token, j <= i, and (window) i - j < window,
-    counting positions over real tokens as the runtime does."""
+    counting positions over real tokens as the runtime does (on ``attention_mask``'s device, the model's)."""
     real = attention_mask.bool()
     positions = attention_mask.long().cumsum(-1) - 1
     s = attention_mask.shape[1]
-    query_slot = torch.arange(s - new, s)
-    causal = torch.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
+    query_slot = torch.arange(s - new, s, device=attention_mask.device)
+    causal = torch.arange(s, device=attention_mask.device)[None, :] <= query_slot[:, None]  # [T, S]
     seen = real[:, None, :] & causal[None]
     if window:
         distance = positions[:, s - new :, None] - positions[:, None, :]

@@ -14,15 +14,18 @@ import torch.nn.functional as F
 from tokenpass.kernels.attention_ref import expand_kv_heads
 
 
-def step_mask(valid: torch.Tensor | None, new_tokens: int, slots: int) -> torch.Tensor | None:
+def step_mask(
+    valid: torch.Tensor | None, new_tokens: int, slots: int, device: torch.device | str | None = None
+) -> torch.Tensor | None:
     """``[B, H_kv, T, S]`` visibility: a live slot, not after the query (the last ``T`` slots are the step's).
 
     Each query also sees its own slot, so a padding query never has an empty row (which would give NaN
-    that leaks through ``0 * NaN`` into real rows).
+    that leaks through ``0 * NaN`` into real rows). The mask is made on ``valid``'s device, else on
+    ``device`` (the queries': a CPU mask cannot go with CUDA queries), else on CPU.
     """
     if valid is None and new_tokens == 1:
         return None
-    query_slot = torch.arange(slots - new_tokens, slots, device=valid.device if valid is not None else "cpu")
+    query_slot = torch.arange(slots - new_tokens, slots, device=valid.device if valid is not None else device)
     slot = torch.arange(slots, device=query_slot.device)
     causal = slot[None, :] <= query_slot[:, None]  # [T, S]
     if valid is None:
@@ -46,6 +49,22 @@ def grouped_attention(
         mask = mask[:, :, None].expand(b, mask.shape[1], group, t, mask.shape[-1]).reshape(b, -1, group * t, mask.shape[-1])
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(b, hq, t, values.shape[-1])
+
+
+UNFOLDED_DECODE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def unfolded_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Unmasked one-token attention in reduced precision: one query row per head, SDPA's own GQA.
+
+    Why not fold the group as ``grouped_attention`` does: in bf16/fp16 SDPA's CPU kernel rounds a block
+    of ``G`` query rows differently from ``G`` single rows (1 ulp in a few outputs), and later layers
+    amplify that to logit differences of 0.2-0.5 on SmolLM2, enough to flip greedy near-ties. HF runs
+    unmasked decode exactly like this (``enable_gqa=True``, which equals repeating the KV heads bit for
+    bit), so reduced-precision decode matches it exactly; it is no slower than folding in bf16. fp32 keeps
+    the fold (faster there, and differences stay at fp32 rounding level).
+    """
+    return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
 
 
 def check_softcap(softcap: float | None) -> None:
@@ -140,13 +159,14 @@ def _one_head_if_shared(x: torch.Tensor | None) -> torch.Tensor | None:
 
 def _visibility(
     valid: torch.Tensor | None, new_tokens: int, slots: int, window: int | None,
-    slot_positions: torch.Tensor | None, query_positions: torch.Tensor | None,
+    slot_positions: torch.Tensor | None, query_positions: torch.Tensor | None, device: torch.device,
 ) -> torch.Tensor | None:
-    """The step's mask, ``[B, 1, T, S]`` when every head sees the same slots, else ``[B, Hkv, T, S]``."""
+    """The step's mask, ``[B, 1, T, S]`` when every head sees the same slots, else ``[B, Hkv, T, S]``
+    (made on ``device``, the queries', when nothing else fixes it)."""
     if window is None:
         if valid is None or new_tokens == 1:
-            return step_mask(valid, new_tokens, slots)
-        return step_mask(_one_head_if_shared(valid), new_tokens, slots)
+            return step_mask(valid, new_tokens, slots, device)
+        return step_mask(_one_head_if_shared(valid), new_tokens, slots, device)
     shared_valid, shared_positions = _one_head_if_shared(valid), _one_head_if_shared(slot_positions)
     if (shared_valid is None or shared_valid.shape[1] == 1) and shared_positions.shape[1] == 1:
         valid, slot_positions = shared_valid, shared_positions
@@ -173,11 +193,11 @@ def cache_attention_reference(
         if t == 1:
             valid, window = window_valid(valid, slot_positions, query_positions, window), None
     if softcap is not None:
-        mask = _visibility(valid, t, s, window, slot_positions, query_positions)
+        mask = _visibility(valid, t, s, window, slot_positions, query_positions, query.device)
         return softcapped_attention(query, keys, values, mask, scale, softcap)
     if window is None:
         return _plain_cache_attention(query, keys, values, valid, scale)
-    mask = _visibility(valid, t, s, window, slot_positions, query_positions)
+    mask = _visibility(valid, t, s, window, slot_positions, query_positions, query.device)
     if mask.shape[1] != 1:
         return grouped_attention(query, keys, values, mask, scale)
     keys, values = expand_kv_heads(keys, query.shape[1]), expand_kv_heads(values, query.shape[1])
@@ -192,14 +212,18 @@ def _plain_cache_attention(
     Decode folds query groups (no KV copy). A multi-token step whose heads all see the same slots (no
     per-head eviction) uses one ``[B, 1, T, S]`` mask, or SDPA's causal kernel when nothing is masked,
     rather than a per-head mask that would cost ``H * T * S`` bytes.
+
+    Unmasked decode in bf16/fp16 is the exception: see ``unfolded_decode``.
     """
     t, s = query.shape[2], keys.shape[2]
+    if t == 1 and valid is None and query.dtype in UNFOLDED_DECODE_DTYPES:
+        return unfolded_decode(query, keys, values, scale)
     if t == 1 or (valid is not None and not bool((valid == valid[:, :1]).all())):
-        return grouped_attention(query, keys, values, step_mask(valid, t, s), scale)
+        return grouped_attention(query, keys, values, step_mask(valid, t, s, query.device), scale)
     # Repeating KV heads costs O(S) here against O(T * S) attention, and keeps SDPA on its fused CPU
     # kernel, which ``enable_gqa`` would leave for the math path (a full score matrix per head).
     keys, values = expand_kv_heads(keys, query.shape[1]), expand_kv_heads(values, query.shape[1])
     if valid is None and s == t:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale)
-    mask = step_mask(valid[:, :1] if valid is not None else None, t, s)
+    mask = step_mask(valid[:, :1] if valid is not None else None, t, s, query.device)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 
 import tokenpass.runtime.ops  # noqa: F401 - implements the core runtime ops the lowered graphs call
+from tokenpass.errors import TokenpassError
+from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.ir.requests import merge_slot_states
 from tokenpass.runtime.context import using_cache
@@ -14,11 +16,22 @@ from tokenpass.runtime.kv_cache import KVCache
 
 
 def new_cache(graphs: Mapping[str, TokenGraph], batch: int, capacity: int = 64, budget: int | None = None) -> KVCache:
-    """An empty cache for ``graphs`` (one model's phases): their layout, and every per-slot state they declare."""
+    """An empty cache for ``graphs`` (one model's phases): their layout, and every per-slot state they
+    declare, in the model's dtype on the model's device (where the graphs' attention reads it)."""
     spec = next(iter(graphs.values())).spec
     states = merge_slot_states([state for graph in graphs.values() for state in graph.slot_states])
-    return KVCache(spec.num_layers, batch, spec.num_kv_heads, spec.head_dim, spec.dtype, capacity=capacity,
-                   budget=budget, max_positions=spec.max_positions, slot_states=states)
+    return KVCache(spec.num_layers, batch, spec.num_kv_heads, spec.head_dim, spec.dtype, device=spec.device,
+                   capacity=capacity, budget=budget, max_positions=spec.max_positions, slot_states=states)
+
+
+def check_step_device(spec: ModelSpec, **tensors: torch.Tensor) -> None:
+    """Refuse, in one line, step inputs that are not on the model's device (a CPU ``input_ids`` for a CUDA
+    model would otherwise fail deep inside the graph, or silently copy every step). ``OptimizedModel``
+    moves the caller's prompt; code that drives a session directly passes tensors on ``spec.device``."""
+    for name, tensor in tensors.items():
+        if tensor.device != spec.device:
+            raise TokenpassError(f"{name} is on {tensor.device} but {spec.name} runs on {spec.device}: move it there "
+                                 f"(OptimizedModel.__call__ and generate do)")
 
 
 def run_step(
@@ -34,8 +47,10 @@ def run_step(
     ``last_only`` asks for the last position's logits only (``[B, 1, V]``), when the graph allows it.
     """
     batch, spec = input_ids.shape[0], graph.spec
+    check_step_device(spec, input_ids=input_ids, token_valid=token_valid, position_ids=position_ids)
     cache.begin_step(position_ids, token_valid)
-    empty = [input_ids.new_zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=spec.dtype)] * spec.num_layers
+    empty = [torch.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=spec.dtype, device=spec.device)]
+    empty = empty * spec.num_layers
     second = torch.ones_like(input_ids)
     if last_only and "logit_rows" in graph.properties:
         second[:, :-1] = 0  # row 0 marks the positions whose logits are computed (select_logit_rows)

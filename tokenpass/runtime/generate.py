@@ -33,7 +33,15 @@ class Sampling:
             raise TokenpassError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
             raise TokenpassError(f"top_k must be >= 1, got {self.top_k}")
-        self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        self._generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The seeded generator, made on ``device`` (a CPU generator cannot draw for CUDA tensors) on first use."""
+        if self.seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """Next tokens ``[B]`` from last-position logits ``[B, V]``."""
@@ -50,7 +58,7 @@ class Sampling:
             drop[:, -1] = False  # always keep the most likely token
             scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
         probs = scores.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        return torch.multinomial(probs, 1, generator=self.generator(probs.device)).squeeze(1)
 
 
 def generate_tokens(
@@ -67,12 +75,14 @@ def generate_tokens(
     ``runtime.session.Session`` or ``ExplicitSession``, whose policies run after every step).
 
     Sequences that emitted ``eos_token_id`` keep emitting ``pad_token_id`` (default: the EOS id) and the
-    loop stops once all have, as HF does, so the output stays one rectangular tensor.
+    loop stops once all have, as HF does, so the output stays one rectangular tensor. Every buffer is made
+    on ``input_ids``' device (the model's: ``OptimizedModel`` moves the prompt there).
     """
-    batch = input_ids.shape[0]
+    batch, device = input_ids.shape[0], input_ids.device
     positions = positions_from_mask(attention_mask)
     tokens, new_ids, valid = input_ids, input_ids, attention_mask
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    ones = torch.ones((batch, 1), dtype=torch.long, device=device)  # each decode step's token is real
     pad = pad_token_id if pad_token_id is not None else eos_token_id
     for _ in range(max_new_tokens):
         logits = session.step(new_ids, valid, positions, last_only=True)
@@ -82,7 +92,7 @@ def generate_tokens(
             finished |= next_ids == eos_token_id
         if streamer is not None:
             streamer(next_ids)
-        new_ids, valid = next_ids[:, None], torch.ones((batch, 1), dtype=torch.long)
+        new_ids, valid = next_ids[:, None], ones
         tokens = torch.cat([tokens, new_ids], dim=1)
         positions = positions[:, -1:] + 1
         if eos_token_id is not None and bool(finished.all()):

@@ -54,10 +54,12 @@ class OptimizedModel:
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, T, V]`` for a batch of prompts (left padding marked by ``attention_mask``)."""
+        """Logits ``[B, T, V]`` for a batch of prompts (left padding marked by ``attention_mask``), on the
+        model's device; inputs on another device (CPU ids for a CUDA model) are moved there first."""
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
+        position_ids = position_ids.to(self.spec.device)
         session = self.session(input_ids.shape[0], capacity=input_ids.shape[1])
         return session.step(input_ids, attention_mask, position_ids)
 
@@ -81,6 +83,9 @@ class OptimizedModel:
         ``streamer`` is called with each step's new tokens ``[B]`` as soon as they exist; ``seed`` makes
         sampling reproducible. ``kv_budget`` keeps at most that many cache slots per sequence and head
         (a recent window unless an eviction pass chooses), so memory stays bounded.
+
+        The prompt may live on any device (CPU ids for a CUDA model are moved to the model's device, as the
+        cache and every buffer of the loop are made there); the returned tokens are on the model's device.
         """
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask)
         max_new_tokens = _count("max_new_tokens", max_new_tokens)
@@ -120,7 +125,8 @@ class OptimizedModel:
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
             )
         _check_mask(attention_mask)
-        return input_ids.to(torch.long), attention_mask.to(torch.long)
+        device = self.spec.device
+        return input_ids.to(device, torch.long), attention_mask.to(device, torch.long)
 
 
 def _dtype(t: torch.Tensor) -> str:

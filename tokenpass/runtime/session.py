@@ -13,7 +13,7 @@ import torch
 
 from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
-from tokenpass.runtime.executor import run_step
+from tokenpass.runtime.executor import check_step_device, run_step
 from tokenpass.runtime.guards import guarded
 from tokenpass.runtime.kv_cache import KVCache
 from tokenpass.runtime.policy import Policy, Step
@@ -50,11 +50,12 @@ class Session:
 
 
 class GraphCache:
-    """The cache of graphs that were not lowered: the captured step's own past/present tensors."""
+    """The cache of graphs that were not lowered: the captured step's own past/present tensors, on the
+    model's device."""
 
     def __init__(self, spec: ModelSpec, batch: int):
         self.keys, self.values = spec.empty_cache(batch)
-        self.mask = torch.zeros((batch, 0), dtype=torch.long)
+        self.mask = torch.zeros((batch, 0), dtype=torch.long, device=spec.device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
@@ -66,10 +67,11 @@ class ExplicitSession:
     policies: list[Policy] = []
 
     def __init__(self, graphs: Mapping[str, TokenGraph], spec: ModelSpec, batch: int):
-        self.graphs, self.cache = graphs, GraphCache(spec, batch)
+        self.graphs, self.spec, self.cache = graphs, spec, GraphCache(spec, batch)
 
     def step(self, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor,
              last_only: bool = False) -> torch.Tensor:
+        check_step_device(self.spec, input_ids=input_ids, token_valid=token_valid, position_ids=position_ids)
         cache = self.cache
         mask = torch.cat([cache.mask, token_valid.long()], dim=1)
         graph = self.graphs[phase_of(input_ids)]
