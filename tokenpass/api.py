@@ -58,13 +58,15 @@ def optimize(
     verify: bool = False,
     name: str | None = None,
     lower: bool = True,
+    compile: bool = False,
 ) -> OptimizedModel:
     """Capture ``model``, run ``passes`` (names, ``Pass`` objects or classes) on each phase's graph, return a
     runnable model.
 
     ``lower=True`` (the default) runs the passes on graphs lowered onto the runtime's KV cache; ``lower=False``
     runs exactly ``passes`` on the captured graphs. With ``verify=True`` every exact pass is checked for
-    unchanged outputs on sample inputs.
+    unchanged outputs on sample inputs. ``compile=True`` runs the steps compiled (``OptimizedModel.compiled``:
+    torch.compile per shape bucket, first-call costs in ``compile_report``).
 
     Never silently wrong: a model the lowering cannot handle runs as captured (exact) with a
     ``TokenpassWarning`` naming the layer and the reason; a pass the caller asked for that applies on no
@@ -81,7 +83,8 @@ def optimize(
     if lower:
         warn_not_lowered(reports)
     spec = next(iter(graphs.values())).spec
-    return OptimizedModel(spec, graphs, reports)
+    optimized = OptimizedModel(spec, graphs, reports)
+    return optimized.compiled() if compile else optimized
 
 
 def check_requested(requested: list[Pass], reports: dict[str, list[PassResult]]) -> None:
