@@ -1,8 +1,8 @@
 """Compiled steps: the lowered prefill and decode graphs through ``torch.compile`` (Inductor), per shape bucket.
 
 Why this is possible at all: the runtime owns the KV cache, so a lowered step's inputs have shapes that
-do not grow with the context. The cache-reading ops (``tokenpass::cached_attention`` and method ops
-such as TidalDecode's) stay opaque: Dynamo records them as calls with their fake implementations,
+do not grow with the context. The cache-reading ops (``tokenpass::cached_attention`` and the ops methods
+register with ``reads_runtime_cache``) stay opaque: Dynamo records them as calls with their fake implementations,
 Inductor emits a fallback call to the registered implementation, and that implementation looks the
 active cache up in ``runtime/context.py``'s ContextVar at run time, as in eager mode (the compiled
 code runs in the caller's thread and context). They need no mutation annotation: each op stages and
