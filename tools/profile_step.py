@@ -1,9 +1,9 @@
 """Where one decode step spends its time: weights GEMV, attention, the rest; eager and compiled.
 
 For each configuration (``dense`` or one pass spec) and mode (eager, compiled) on SmolLM2: prefill
-``--context`` tokens of real text, warm up, time ``--steps`` teacher-forced decode steps one by one (the
-median is the ms/token figure), then profile ``--profile-steps`` more under ``torch.profiler`` and split
-each step into
+``--context`` tokens of real text and warm up; then time teacher-forced decode steps one by one, in
+``--rounds`` rounds interleaved across the rows (the median is the ms/token figure), then profile
+``--profile-steps`` more under ``torch.profiler`` and split each step into
 
 - weights GEMV: ``aten::linear`` / ``mm`` / ``addmm`` / ``matmul`` outside the attention ops (the
   projections, the MLP and the LM head: the model's weights, read once per token),
@@ -16,6 +16,9 @@ Compiled mode prints its compile report (each bucket's first call). Timings on a
 noisy: compare rows of one run.
 
     .venv/bin/python tools/profile_step.py --context 4096 dense tidaldecode
+
+On a machine shared with other work, ``--threads 1`` avoids OpenMP threads waiting on each other at every
+op (with two threads and other processes competing, each parallel region can cost a scheduler slice).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import tokenpass
 from tokenpass.models import load_tokenizer
+from tokenpass.runtime.compiled import CompileReport
 from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.model import OptimizedModel
 from tokenpass.texts import read_text, token_ids
@@ -92,36 +96,39 @@ def split_steps(events: list[FunctionEvent]) -> list[tuple[float, float, float]]
     return rows
 
 
-def measure(model: OptimizedModel, ids: torch.Tensor, context: int, warmup: int, steps: int, profiled: int,
-            config: str, mode: str) -> Breakdown:
-    session = model.session(1, capacity=ids.shape[1] + 1)
-    prompt = ids[:, :context]
-    positions = positions_from_mask(torch.ones_like(prompt))
-    session.step(prompt, torch.ones_like(prompt), positions, last_only=True)
-    valid = torch.ones((1, 1), dtype=torch.long)
-    feed = iter(ids[0, context:].tolist())
+class Stepper:
+    """One configuration and mode, prefilled and ready to decode the text that follows, one token a step."""
 
-    def step() -> None:
-        nonlocal positions
-        positions = positions[:, -1:] + 1
-        session.step(torch.tensor([[next(feed)]]), valid, positions)
+    def __init__(self, model: OptimizedModel, ids: torch.Tensor, context: int, config: str, mode: str):
+        self.model, self.config, self.mode = model, config, mode
+        self.session = model.session(1, capacity=ids.shape[1] + 1)
+        prompt = ids[:, :context]
+        self.positions = positions_from_mask(torch.ones_like(prompt))
+        self.session.step(prompt, torch.ones_like(prompt), self.positions, last_only=True)
+        self.feed = iter(ids[0, context:].tolist())
+        self.valid = torch.ones((1, 1), dtype=torch.long)
+        self.times: list[float] = []
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(profiled):
-            with record_function(STEP):
-                step()
-    rows = split_steps(list(prof.events()))
-    report = model.compile_report
-    return Breakdown(config, mode, 1000 * statistics.median(times),
-                     statistics.median(r[0] for r in rows) / 1000, statistics.median(r[1] for r in rows) / 1000,
-                     statistics.median(r[2] for r in rows) / 1000, report.lines() if report else [])
+    def step(self) -> None:
+        self.positions = self.positions[:, -1:] + 1
+        self.session.step(torch.tensor([[next(self.feed)]]), self.valid, self.positions)
+
+    def timed(self, steps: int) -> None:
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.step()
+            self.times.append(time.perf_counter() - start)
+
+    def profiled(self, steps: int) -> Breakdown:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                with record_function(STEP):
+                    self.step()
+        rows = split_steps(list(prof.events()))
+        report = self.model.compile_report
+        return Breakdown(self.config, self.mode, 1000 * statistics.median(self.times),
+                         statistics.median(r[0] for r in rows) / 1000, statistics.median(r[1] for r in rows) / 1000,
+                         statistics.median(r[2] for r in rows) / 1000, report.lines() if report else [])
 
 
 def table(rows: list[Breakdown]) -> str:
@@ -140,23 +147,33 @@ def main() -> None:
                         help="'dense' or a pass spec (one pass per config)")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=24, help="timed decode steps (median)")
+    parser.add_argument("--steps", type=int, default=8, help="timed decode steps per round (median of all)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of timed steps, interleaved across rows")
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = tokenpass.load("smollm2")
-    total = args.context + args.warmup + args.steps + args.profile_steps
+    total = args.context + args.warmup + args.rounds * args.steps + args.profile_steps
     ids = torch.tensor(token_ids(load_tokenizer("smollm2"), read_text(), total))[None]
-    rows = []
+    steppers = []
     for config in args.configs:
         eager = tokenpass.optimize(model, passes=[] if config == "dense" else [config])
         for mode in args.modes:
-            optimized = eager.compiled() if mode == "compiled" else eager
-            row = measure(optimized, ids, args.context, args.warmup, args.steps, args.profile_steps, config, mode)
-            rows.append(row)
-            print(f"{config} {mode}: {row.ms_per_token:.1f} ms/token", *row.compile_lines, sep="\n  ", flush=True)
+            stepper = Stepper(eager.compiled() if mode == "compiled" else eager, ids, args.context, config, mode)
+            for _ in range(args.warmup):
+                stepper.step()
+            steppers.append(stepper)
+            print(f"{config} {mode}: prefilled", *(stepper.model.compile_report or CompileReport()).lines(),
+                  sep="\n  ", flush=True)
+    for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits every row alike
+        for stepper in steppers:
+            stepper.timed(args.steps)
+    rows = [stepper.profiled(args.profile_steps) for stepper in steppers]
     print(f"\nSmolLM2, context {args.context}, batch 1, cpu x{torch.get_num_threads()} threads; ms/token: median of "
-          f"{args.steps} steps; split: median of {args.profile_steps} profiled steps\n")
+          f"{args.rounds} x {args.steps} steps (interleaved); split: median of {args.profile_steps} profiled steps\n")
     print(table(rows))
 
 

@@ -34,7 +34,8 @@ def selection_attention(query, key_new, value_new, scale, layer, top_k, per_kv_h
         return attend_slots(query, keys, values, valid, slots, scale, softcap).contiguous(), slots
     count_read(keys, values)
     if not query.is_cuda:
-        out, slots = selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, False, softcap)
+        out, slots = selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, False,
+                                                   softcap)
         return out.contiguous(), slots.contiguous()
     from tokenpass.kernels.decode_attention import decode_attention
 
