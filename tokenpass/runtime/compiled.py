@@ -31,6 +31,7 @@ compilation in a bucket (a Dynamo guard failed) is counted as a recompile, never
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,17 @@ class _Counter:
             self.seconds += time.perf_counter() - start
 
 
+def _size_oblivious(enabled: bool) -> contextlib.AbstractContextManager:
+    """Trace dynamic dims size-obliviously, as the capture did, so a compilation made at batch 2 also serves
+    batch 1 and one-token prompts (Dynamo otherwise specialises sizes 0 and 1). A private torch setting
+    (2.13); where it is missing, batch 1 merely recompiles once (counted in the report)."""
+    from torch.fx.experimental import _config as shape_config
+
+    if not enabled or not hasattr(shape_config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return shape_config.patch(backed_size_oblivious=True)
+
+
 def _cache_hits() -> int:
     from torch._dynamo.utils import counters
 
@@ -184,17 +196,17 @@ class CompiledStep:
         return outputs
 
     def _first_call(self, args: list[torch.Tensor], past_keys, past_values):
-        from torch.fx.experimental import _config as shape_config
-
         if self.bucket.batch is None:
+            # Marks stick to tensors: mark copies of the caller's; the empty past tensors are run_step's own
+            # (one tensor repeated, an aliasing Dynamo guards on, so they are marked as they are).
+            args = [tensor.clone() for tensor in args]
             for tensor in args:
                 torch._dynamo.mark_dynamic(tensor, [0, 1])
             for tensor in [*past_keys, *past_values]:
                 torch._dynamo.mark_dynamic(tensor, 0)
         hits, start = _cache_hits(), time.perf_counter()
         try:
-            # Size-oblivious like the capture: batch 1 and one-token prompts reuse the dynamic compilation.
-            with shape_config.patch(backed_size_oblivious=self.bucket.batch is None):
+            with _size_oblivious(self.bucket.batch is None):
                 outputs = self._run(args, past_keys, past_values)
         except TokenpassError:
             raise
