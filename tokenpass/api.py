@@ -91,25 +91,28 @@ def optimize(
     verify: bool = False,
     name: str | None = None,
     lower: bool = True,
+    compile: bool = False,
 ) -> OptimizedModel:
     """Capture ``model``, run ``passes`` (names, ``Pass`` objects or classes) on each phase's graph, return a
     runnable model.
 
     ``lower=True`` (the default) runs the passes on graphs lowered onto the runtime's KV cache; ``lower=False``
     runs exactly ``passes`` on the captured graphs. With ``verify=True`` every exact pass is checked for
-    unchanged outputs on sample inputs.
+    unchanged outputs on sample inputs. ``compile=True`` runs the steps compiled (``OptimizedModel.compiled``:
+    torch.compile per shape bucket, first-call costs in ``compile_report``).
 
     Never silently wrong: a model the lowering cannot handle runs as captured (exact) with a
     ``TokenpassWarning`` naming the layer and the reason; a pass the caller asked for that applies on no
     graph raises ``PassError`` with its reason.
     """
     requested, _ = plan(passes, lower, verify)
-    return optimize_graphs(capture(model, name=name, passes=requested), requested, verify=verify, lower=lower)
+    return optimize_graphs(capture(model, name=name, passes=requested), requested, verify=verify, lower=lower,
+                           compile=compile)
 
 
 def optimize_graphs(
     graphs: dict[str, TokenGraph], passes: "Sequence[str | Pass | type[Pass]]" = (), verify: bool = False,
-    lower: bool = True,
+    lower: bool = True, compile: bool = False,
 ) -> OptimizedModel:
     """``optimize`` on graphs captured already (rewritten in place: pass ``fork(graphs)`` to keep them)."""
     requested, manager = plan(passes, lower, verify)
@@ -121,7 +124,8 @@ def optimize_graphs(
     if lower:
         warn_not_lowered(reports)
     spec = next(iter(graphs.values())).spec
-    return OptimizedModel(spec, graphs, reports)
+    optimized = OptimizedModel(spec, graphs, reports)
+    return optimized.compiled() if compile else optimized
 
 
 def fork(graphs: dict[str, TokenGraph]) -> dict[str, TokenGraph]:

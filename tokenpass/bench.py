@@ -121,14 +121,17 @@ def bench(
     continuation: int = 256,
     greedy_tokens: int = 32,
     name: str | None = None,
+    compile: bool = False,
 ) -> dict:
     """Measure ``passes`` (one list, or a mapping of configuration name -> list) against the baseline, on
     the model's device (reported as ``device``).
 
     Every configuration's passes are checked (names, options, order, the model's shape) before the
     baseline runs: a typo in the last configuration must not cost the minutes of the first ones.
+    ``compile=True`` compiles every configuration's steps, the baseline's included; each configuration's
+    ``compile_s`` is what its compilations cost (first calls, in the warm-up, never in the timed figures).
     """
-    configs = dict(passes) if isinstance(passes, Mapping) else {"optimized": passes}
+    configs = dict(passes) if isinstance(passes, Mapping) else {"optimized": list(passes)}
     _validate(model, context, continuation, len(token_ids))
     check_passes(model, list(configs.values()), name=name)
     device = model_device(model)
@@ -137,19 +140,22 @@ def bench(
     captured = capture(model, name=name)  # once: each configuration rewrites its own fork
     results, base, base_greedy = [], None, None
     for label, pass_list in {BASELINE: [], **configs}.items():
-        optimized = optimize_graphs(fork(captured), pass_list)
+        optimized = optimize_graphs(fork(captured), pass_list, compile=compile)
         run = teacher_forced(optimized, prompt, cont, label)
         greedy = optimized.generate(prompt, max_new_tokens=greedy_tokens)[0, context:] if greedy_tokens else None
         if base is None:
             base, base_greedy = run, greedy
         figures = compare(run, base, cont, context)
         figures["greedy_common_prefix"] = _common_prefix(greedy, base_greedy) if greedy is not None else None
+        report = optimized.compile_report
+        figures["compile_s"] = None if report is None else report.seconds()
         results.append({"name": label, "passes": list(pass_list), **figures})
     return {
         "model": name,
         "context": context,
         "continuation": continuation,
         "greedy_tokens": greedy_tokens,
+        "compiled": compile,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "configs": results,

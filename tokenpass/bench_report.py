@@ -16,9 +16,12 @@ def render_bench(report: dict, console: Console) -> None:
     table = Table(
         title=f"{report['model']}: context {report['context']}, continuation {report['continuation']} "
         f"(teacher-forced), {report['device']} x{report['torch_threads']} threads"
+        + (", compiled steps" if report.get("compiled") else "")
     )
     columns = ("config", "ppl", "ppl ratio", "top-1", "KL", "prefill tok/s", "decode tok/s", "speed-up",
                "ms/token", "KV MiB", "KV read MiB/step", "peak MiB", "greedy prefix")
+    compiled = report.get("compiled", False)
+    columns += ("compile s",) if compiled else ()
     for col in columns:
         table.add_column(col, justify="left" if col == "config" else "right")
     for c in report["configs"]:
@@ -30,5 +33,6 @@ def render_bench(report: dict, console: Console) -> None:
             f"{c['decode_latency_ms']:.1f}", f"{c['kv_bytes'] / _MIB:.1f}", _mib(c.get("kv_read_bytes_per_step")),
             f"{c['peak_memory_bytes'] / _MIB:.0f}",
             prefix,
+            *([f"{c['compile_s']:.1f}"] if compiled else []),
         )
     console.print(table)

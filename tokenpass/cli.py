@@ -202,6 +202,7 @@ def bench(
     continuation: int = typer.Option(256, "--continuation", help="tokens decoded one step at a time after it"),
     greedy_tokens: int = typer.Option(32, "--greedy", help="greedy tokens generated for illustration"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+    compile_steps: bool = typer.Option(False, "--compile", help="compile the steps (torch.compile); reports compile s"),
 ) -> None:
     from tokenpass.api import plan
     from tokenpass.bench import bench as run_bench
@@ -221,7 +222,7 @@ def bench(
         torch_random_ids(loaded.config.vocab_size, context + continuation)
     )
     report = run_bench(loaded, configs, token_ids=ids, context=context, continuation=continuation,
-                       greedy_tokens=greedy_tokens, name=model)
+                       greedy_tokens=greedy_tokens, name=model, compile=compile_steps)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -41,10 +41,12 @@ def run_step(
     token_valid: torch.Tensor,
     position_ids: torch.Tensor,
     last_only: bool = False,
+    module: Callable | None = None,
 ) -> torch.Tensor:
     """One forward step of a lowered graph over ``cache``; returns logits and commits the new slots.
 
     ``last_only`` asks for the last position's logits only (``[B, 1, V]``), when the graph allows it.
+    ``module`` runs the step instead of ``graph.module()`` (a compiled module: ``runtime/compiled.py``).
     """
     batch, spec = input_ids.shape[0], graph.spec
     check_step_device(spec, input_ids=input_ids, token_valid=token_valid, position_ids=position_ids)
@@ -55,7 +57,7 @@ def run_step(
     if last_only and "logit_rows" in graph.properties:
         second[:, :-1] = 0  # row 0 marks the positions whose logits are computed (select_logit_rows)
     with using_cache(cache), torch.no_grad():
-        outputs = graph.module()(input_ids, second, position_ids, empty, empty)
+        outputs = (module or graph.module())(input_ids, second, position_ids, empty, empty)
     cache.commit()
     cache.enforce_budget()
     return outputs[0]

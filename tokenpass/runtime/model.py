@@ -10,6 +10,7 @@ import torch
 from tokenpass.errors import TokenpassError
 from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.runtime.compiled import CompiledSteps, CompileReport
 from tokenpass.runtime.executor import new_cache
 from tokenpass.runtime.generate import Sampling, generate_tokens, positions_from_mask
 from tokenpass.runtime.policy import build_policies
@@ -36,6 +37,19 @@ class OptimizedModel:
                 "phases must be lowered alike (see the lower_kv_cache reports)"
             )
         self.lowered = all(lowered.values())
+        self.compiled_steps: CompiledSteps | None = None
+
+    def compiled(self) -> "OptimizedModel":
+        """This model with its steps compiled by ``torch.compile`` (``runtime/compiled.py``): same graphs,
+        same tokens; each shape bucket compiles on its first call, recorded in ``compile_report``."""
+        twin = OptimizedModel(self.spec, self.graphs, self.reports)
+        twin.compiled_steps = CompiledSteps(self.graphs)
+        return twin
+
+    @property
+    def compile_report(self) -> CompileReport | None:
+        """What compiling cost so far (``None``: not compiled)."""
+        return None if self.compiled_steps is None else self.compiled_steps.report
 
     def session(self, batch: int, capacity: int = 64, budget: int | None = None) -> Session | ExplicitSession:
         """A fresh cache for ``batch`` sequences and the step loop over it; ``capacity`` reserves slots for
@@ -46,7 +60,7 @@ class OptimizedModel:
             return ExplicitSession(self.graphs, self.spec, batch)
         cache = new_cache(self.graphs, batch, capacity, budget)
         policies = build_policies([p for graph in self.graphs.values() for p in graph.policies])
-        return Session(self.graphs, cache, policies)
+        return Session(self.graphs, cache, policies, self.compiled_steps)
 
     def __call__(
         self,

@@ -7,6 +7,10 @@ the Triton kernel on CUDA, the exact torch reference elsewhere. Ops add the cach
 the cache's ``bytes_read`` (what the op touches by construction, not a hardware counter), so benchmarks
 can report how much of the cache a step really reads.
 
+Op outputs are contiguous, as their fake implementations declare: compiled graphs (Inductor) lay out
+the buffers downstream of an op from its fake and assert the real strides match (SDPA on CPU returns a
+``[B, T, H, D]``-strided result for multi-token queries). ``contiguous()`` copies only in that case.
+
 Method ops (``tokenpass/methods/*``) reuse ``staged``, ``attend_cache``, ``attend_slots`` and
 ``count_read`` so every op stages, masks and accounts the same way.
 """
@@ -81,4 +85,4 @@ def cached_attention(query: torch.Tensor, key_new: torch.Tensor, value_new: torc
                      softcap: float | None = None, window: int = 0) -> torch.Tensor:
     keys, values, valid = staged(layer, key_new, value_new, window)
     count_read(keys, values)
-    return attend_cache(query, keys, values, valid, scale, softcap, window, layer)
+    return attend_cache(query, keys, values, valid, scale, softcap, window, layer).contiguous()

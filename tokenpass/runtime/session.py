@@ -13,6 +13,7 @@ import torch
 
 from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.runtime.compiled import CompiledSteps
 from tokenpass.runtime.executor import check_step_device, run_step
 from tokenpass.runtime.guards import guarded
 from tokenpass.runtime.kv_cache import KVCache
@@ -25,10 +26,12 @@ def phase_of(input_ids: torch.Tensor) -> str:
 
 
 class Session:
-    """Steps over the runtime-owned ``KVCache`` (graphs lowered by ``lower_kv_cache``)."""
+    """Steps over the runtime-owned ``KVCache`` (graphs lowered by ``lower_kv_cache``); with ``compiled``,
+    each step runs its bucket's compiled module (``runtime/compiled.py``) instead of the graph's own."""
 
-    def __init__(self, graphs: Mapping[str, TokenGraph], cache: KVCache, policies: list[Policy]):
-        self.graphs, self.cache, self.policies = graphs, cache, policies
+    def __init__(self, graphs: Mapping[str, TokenGraph], cache: KVCache, policies: list[Policy],
+                 compiled: CompiledSteps | None = None):
+        self.graphs, self.cache, self.policies, self.compiled = graphs, cache, policies, compiled
 
     def step(self, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor,
              last_only: bool = False) -> torch.Tensor:
@@ -45,8 +48,9 @@ class Session:
             last_only: bool = False) -> torch.Tensor:
         """One step of ``phase``'s graph without policies (what policies themselves call)."""
         graph = self.graphs[phase]
+        module = self.compiled.module_for(graph, input_ids) if self.compiled is not None else None
         with guarded(graph, input_ids):
-            return run_step(graph, self.cache, input_ids, token_valid, position_ids, last_only)
+            return run_step(graph, self.cache, input_ids, token_valid, position_ids, last_only, module)
 
 
 class GraphCache:

@@ -1,7 +1,8 @@
 """Runtime implementations of TidalDecode's ops over the active KV cache (CPU references, CUDA kernels).
 
 Built on the core runtime helpers (``staged``, ``attend_slots``, ``count_read``), so staging, masking
-and KV-read accounting are the same as for dense attention.
+and KV-read accounting are the same as for dense attention. Outputs are made contiguous, as the fake
+implementations declare (compiled graphs rely on it; see ``tokenpass/runtime/ops.py``).
 """
 
 from __future__ import annotations
@@ -26,18 +27,20 @@ def selection_attention(query, key_new, value_new, scale, layer, top_k, per_kv_h
     if sparse_output and top_k >= keys.shape[2] - 1:  # the choice is every past slot: nothing to rank
         heads = keys.shape[1] if per_kv_head else query.shape[1]
         slots = torch.arange(keys.shape[2] - 1, device=keys.device).expand(keys.shape[0], heads, -1)
-        return attend_slots(query, keys, values, valid, slots, scale, softcap), slots
+        return attend_slots(query, keys, values, valid, slots, scale, softcap).contiguous(), slots.contiguous()
     if sparse_output:  # rank every slot, then attend over the choice only
         scores = _ranking_scores(query, keys, valid, scale, layer, score_dtype, score_channels, softcap)
-        slots = top_slots(scores, top_k, per_kv_head)
-        return attend_slots(query, keys, values, valid, slots, scale, softcap), slots
+        slots = top_slots(scores, top_k, per_kv_head).contiguous()
+        return attend_slots(query, keys, values, valid, slots, scale, softcap).contiguous(), slots
     count_read(keys, values)
     if not query.is_cuda:
-        return selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, False, softcap)
+        out, slots = selection_attention_reference(query, keys, values, valid, scale, top_k, per_kv_head, False,
+                                                   softcap)
+        return out.contiguous(), slots.contiguous()
     from tokenpass.kernels.decode_attention import decode_attention
 
     out, scores = decode_attention(query, keys, values, valid, scale, return_scores=True, softcap=softcap)
-    return out, top_slots(scores, top_k, per_kv_head)  # one pass over K gave both
+    return out.contiguous(), top_slots(scores, top_k, per_kv_head).contiguous()  # one pass over K gave both
 
 
 def _ranking_scores(query, keys, valid, scale: float, layer: int, score_dtype, score_channels: int,
@@ -55,4 +58,4 @@ def _ranking_scores(query, keys, valid, scale: float, layer: int, score_dtype, s
 @torch.library.impl(SPARSE_ATTENTION, "CompositeExplicitAutograd")
 def sparse_attention(query, key_new, value_new, slots, scale, layer, softcap=None):
     keys, values, valid = staged(layer, key_new, value_new)
-    return attend_slots(query, keys, values, valid, slots, scale, softcap)
+    return attend_slots(query, keys, values, valid, slots, scale, softcap).contiguous()
