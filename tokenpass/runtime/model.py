@@ -129,6 +129,7 @@ class OptimizedModel:
         limit = self.spec.max_positions
         if limit is not None and input_ids.shape[1] > limit:
             raise TokenpassError(f"prompt of {input_ids.shape[1]} tokens exceeds the model's {limit} positions")
+        input_ids = input_ids.to(self.spec.device)  # checked where it runs: no stray copies on the caller's device
         _check_ids(input_ids, self.spec.vocab_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -138,9 +139,9 @@ class OptimizedModel:
             raise TokenpassError(
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
             )
+        attention_mask = attention_mask.to(self.spec.device)
         _check_mask(attention_mask)
-        device = self.spec.device
-        return input_ids.to(device, torch.long), attention_mask.to(device, torch.long)
+        return input_ids.to(torch.long), attention_mask.to(torch.long)
 
 
 def _dtype(t: torch.Tensor) -> str:
@@ -170,11 +171,11 @@ def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 def _check_mask(attention_mask: torch.Tensor) -> None:
     """Only 0 (padding) and 1 (token), and at least one token per row. What HF returns for an all-padding
     row is an artefact of attending over no key, not a defined result, so the row is refused rather than
-    answered differently."""
-    if not ((attention_mask == 0) | (attention_mask == 1)).all():
-        values = sorted({str(v) for v in attention_mask.flatten().tolist() if v not in (0, 1)})
-        shown = ", ".join(values[:3])
-        raise TokenpassError(f"attention_mask must hold only 0 (padding) and 1 (token), found {shown}")
-    empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
-    if empty:
-        raise TokenpassError(f"attention_mask row {empty[0]} is all zeros: every row needs at least one token")
+    answered differently. One boolean read per check: on a GPU each is a synchronisation."""
+    bad = (attention_mask != 0) & (attention_mask != 1)
+    if bad.any():
+        values = sorted({str(v) for v in attention_mask[bad].tolist()})
+        raise TokenpassError(f"attention_mask must hold only 0 (padding) and 1 (token), found {', '.join(values[:3])}")
+    empty = (attention_mask == 0).all(dim=1)
+    if empty.any():
+        raise TokenpassError(f"attention_mask row {int(empty.nonzero()[0])} is all zeros: every row needs at least one token")
