@@ -6,6 +6,10 @@ safetensors in a user cache directory and later loads take well under a second.
 
 ``tiny(family)`` builds small randomly initialised decoders of several families; they exist so tests
 can prove that passes are keyed on what the graph computes, not on one architecture.
+
+``random_model("llama-3.2-1b")`` builds a randomly initialised model of a real model's shape: speed
+depends on shapes, not on trained weights, so GPU timings need no download (quality is measured on
+SmolLM2).
 """
 
 from __future__ import annotations
@@ -23,6 +27,17 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_VERSION = "v1"
 
 TINY_FAMILIES: tuple[str, ...] = ("llama", "gpt2", "qwen2", "mistral", "phi3", "gemma")
+
+# Published configurations (the models' config.json), for timing at real shapes with random weights.
+REAL_SHAPES: dict[str, dict] = {
+    "llama-3.2-1b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+}
 
 
 class MissingPackageError(TokenpassError):
@@ -142,4 +157,19 @@ def tiny(family: str, seed: int = 0):
     config = _tiny_config(family)
     config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def random_model(name: str, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", seed: int = 0):
+    """A randomly initialised model of the real shape ``name`` (``REAL_SHAPES``), built on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name not in REAL_SHAPES:
+        raise TokenpassError(f"unknown model shape '{name}': choose one of {sorted(REAL_SHAPES)}")
+    fields = dict(REAL_SHAPES[name])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()

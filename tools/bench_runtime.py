@@ -9,14 +9,23 @@ their range. Peers:
 
 * ``hf-dynamic``: ``model.generate`` with its default dynamic cache;
 * ``hf-static``: ``cache_implementation="static"`` (a preallocated cache, HF's documented fast path);
-* ``hf-static-compiled``: static cache plus ``torch.compile`` of the forward (``--compile-hf``; slow to
-  compile on a small CPU, so off by default);
-* ``tokenpass``: ``tokenpass.optimize(model)`` (no method pass).
+* ``hf-static-compiled``: static cache with ``generate``'s own compilation of the decode step (what HF
+  does by default on a GPU; ``CompileConfig(mode="default")`` forced on for the CPU; ``--compile-hf``,
+  slow to compile on a small CPU, so off by default);
+* ``tokenpass``: ``tokenpass.optimize(model)`` (no method pass), steps run op by op;
+* ``tokenpass-compiled``: the same with ``compile=True`` (Inductor per shape bucket; ``--compile``);
+* ``tokenpass+<pass>``: with a method pass (``--passes tidaldecode``), also compiled with ``--compile``.
+
+``--model llama-3.2-1b-random --dtype bfloat16`` times a randomly initialised model of that shape (on the
+GPU when there is one): speed depends on shapes, not on trained weights.
+
+Compilation happens in the warm-up, outside the timed rounds; its cost is printed, not hidden.
 
 Every speed is also given as a fraction of the bandwidth ceiling (``tools/bandwidth.py``): the time a
 step would take if it only had to stream its weights and live KV cache at the measured read bandwidth.
 
-    .venv/bin/python tools/bench_runtime.py --contexts 512 4096 --batches 1 --new-tokens 32 --rounds 3
+    .venv/bin/python tools/bench_runtime.py --contexts 512 4096 --batches 1 --new-tokens 32 --rounds 3 \
+        --compile --compile-hf
 """
 
 from __future__ import annotations
@@ -32,67 +41,86 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from transformers import CompileConfig, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bandwidth import ceiling_ms, read_bandwidth  # noqa: E402
 
 import tokenpass  # noqa: E402
-from tokenpass.models import load_tokenizer  # noqa: E402
+from tokenpass.api import capture, fork, optimize_graphs  # noqa: E402
+from tokenpass.models import REAL_SHAPES, load_tokenizer, random_model  # noqa: E402
 from tokenpass.texts import read_text, token_ids  # noqa: E402
 
-Generate = Callable[[torch.Tensor, int], torch.Tensor]
+Generate = Callable[[torch.Tensor, int, int], torch.Tensor]  # (prompt, new tokens, cache length) -> tokens
 
 
-def hf_generate(model, **options) -> Generate:
-    def run(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def hf_generate(model, static: bool = False, **options) -> Generate:
+    """HF ``generate``; ``static``: a fresh ``StaticCache`` of one fixed length per context, so runs of 1
+    and of N new tokens share its shape (sized by ``max_new_tokens`` instead, every run would have a
+    shape of its own, and the compiled peer would recompile on each)."""
+    def run(prompt: torch.Tensor, new_tokens: int, cache_len: int) -> torch.Tensor:
+        cache = {"past_key_values": StaticCache(config=model.config, max_cache_len=cache_len)} if static else {}
         with torch.no_grad():
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, **options)
+                                  min_new_tokens=new_tokens, do_sample=False, **cache, **options)
     return run
 
 
 def tokenpass_generate(optimized) -> Generate:
-    return lambda prompt, new_tokens: optimized.generate(prompt, max_new_tokens=new_tokens)
+    return lambda prompt, new_tokens, cache_len: optimized.generate(prompt, max_new_tokens=new_tokens)
 
 
-def peers(model, compile_hf: bool) -> dict[str, Generate]:
-    configs = {"hf-dynamic": hf_generate(model), "hf-static": hf_generate(model, cache_implementation="static"),
-               "tokenpass": tokenpass_generate(tokenpass.optimize(model, name="smollm2"))}
+def hf_compile_config() -> CompileConfig:
+    """HF ``generate``'s own decode-step compilation, which it turns on by itself on GPUs with a static
+    cache; ``reduce-overhead`` (CUDA graphs) has no CPU meaning, so Inductor's default mode there."""
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if torch.cuda.is_available() else "default")
+    config._compile_all_devices = True  # HF's own switch for compiling off-GPU
+    return config
+
+
+def peers(model, compile_hf: bool, compile_tokenpass: bool, passes: list[str]) -> dict[str, Generate]:
+    """HF's configurations, then tokenpass with no method pass and with each of ``passes`` (one pass spec
+    each: ``tidaldecode``, ``tidaldecode:top_k=512``), each also compiled with ``compile_tokenpass``."""
+    configs = {"hf-dynamic": hf_generate(model), "hf-static": hf_generate(model, static=True)}
     if compile_hf:
-        compiled = torch.compile(model.forward)
-        configs["hf-static-compiled"] = _with_forward(model, compiled, hf_generate(model, cache_implementation="static"))
+        configs["hf-static-compiled"] = hf_generate(model, static=True, compile_config=hf_compile_config())
+    captured = capture(model)
+    for spec in ["", *passes]:
+        optimized = optimize_graphs(fork(captured), [spec] if spec else [])
+        label = "tokenpass" + (f"+{spec}" if spec else "")
+        configs[label] = tokenpass_generate(optimized)
+        if compile_tokenpass:
+            configs[f"{label}-compiled"] = tokenpass_generate(optimized.compiled())
     return configs
 
 
-def _with_forward(model, forward, run: Generate) -> Generate:
-    """``run`` with ``model.forward`` swapped for ``forward`` for the duration of each call."""
-    def wrapped(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        original = model.forward
-        model.forward = forward
-        try:
-            return run(prompt, new_tokens)
-        finally:
-            model.forward = original
-    return wrapped
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter`` once ``device`` has finished its queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
-def timed(run: Generate, prompt: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    out = run(prompt, new_tokens)
-    return time.perf_counter() - start, out
+def timed(run: Generate, prompt: torch.Tensor, new_tokens: int, cache_len: int) -> tuple[float, torch.Tensor]:
+    start = _clock(prompt.device)
+    out = run(prompt, new_tokens, cache_len)
+    return _clock(prompt.device) - start, out
 
 
 def measure(configs: dict[str, Generate], prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict[str, dict]:
     """Interleaved rounds; per config the decode ms/token samples and the tokens of the last run."""
-    for run in configs.values():  # warm-up (first-call costs, compilation) outside the timed rounds
-        run(prompt[:, :16], 2)
-        run(prompt, 2)
+    cache_len = prompt.shape[1] + new_tokens
+    for name, run in configs.items():  # warm-up (first-call costs, compilation) outside the timed rounds
+        start = time.perf_counter()
+        run(prompt[:, :16], 2, cache_len)
+        run(prompt, 2, cache_len)
+        print(f"{name}: warm-up (first calls, compilation) {time.perf_counter() - start:.1f} s", file=sys.stderr)
     samples: dict[str, list[float]] = {name: [] for name in configs}
     outputs: dict[str, torch.Tensor] = {}
     for _ in range(rounds):
         for name, run in configs.items():
-            short, _ = timed(run, prompt, 1)
-            long, outputs[name] = timed(run, prompt, new_tokens)
+            short, _ = timed(run, prompt, 1, cache_len)
+            long, outputs[name] = timed(run, prompt, new_tokens, cache_len)
             samples[name].append(1000 * (long - short) / (new_tokens - 1))
     return {name: {"samples": values, "tokens": outputs[name]} for name, values in samples.items()}
 
@@ -113,9 +141,9 @@ def summarise(results: dict[str, dict], context: int, batch: int, new_tokens: in
     return rows
 
 
-def render(rows: list[dict], bandwidth: float) -> None:
-    table = Table(title=f"SmolLM2 greedy generate, decode ms/token (median \\[min-max]); read bandwidth "
-                        f"{bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
+def render(rows: list[dict], bandwidth: float, model: str, device: str) -> None:
+    table = Table(title=f"{model} greedy generate on {device}, decode ms/token (median \\[min-max]); read "
+                        f"bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
     for col in ("context", "batch", "config", "ms/token", "tokens/s", "vs fastest HF", "of ceiling", "same tokens"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -125,29 +153,55 @@ def render(rows: list[dict], bandwidth: float) -> None:
     Console(width=170).print(table)
 
 
+def load_model(name: str, dtype: torch.dtype, device: str):
+    """SmolLM2 (real weights) or a randomly initialised real shape (``tokenpass.models.REAL_SHAPES``)."""
+    if name == "smollm2":
+        return tokenpass.load("smollm2", dtype=dtype).to(device)
+    return random_model(name.removesuffix("-random"), dtype=dtype, device=device)
+
+
+def prompt_ids(name: str, vocab_size: int, count: int) -> list[int]:
+    """Real text for SmolLM2; seeded random ids for a random model (its speed does not depend on them)."""
+    if name == "smollm2":
+        return token_ids(load_tokenizer("smollm2"), read_text(), count)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (count,), generator=generator).tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", *(f"{n}-random" for n in REAL_SHAPES)])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compile-hf", action="store_true", help="add HF static cache + torch.compile")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--compile-hf", action="store_true", help="add HF static cache + compiled decode step")
+    parser.add_argument("--compile", action="store_true", help="add tokenpass with compiled steps")
+    parser.add_argument("--passes", nargs="*", default=[], help="method pass specs to add as tokenpass rows")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     args = parser.parse_args()
-    model = tokenpass.load("smollm2")
-    configs = peers(model, args.compile_hf)
-    ids = token_ids(load_tokenizer("smollm2"), read_text(), max(args.contexts) + max(args.batches))
-    bandwidth = read_bandwidth()
+    model = load_model(args.model, getattr(torch, args.dtype), args.device)
+    configs = peers(model, args.compile_hf, args.compile, args.passes)
+    ids = prompt_ids(args.model, model.config.vocab_size, max(args.contexts) + max(args.batches))
+    bandwidth = read_bandwidth(args.device)
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            prompt = torch.tensor([ids[i : i + context] for i in range(batch)])
+            prompt = torch.tensor([ids[i : i + context] for i in range(batch)], device=args.device)
             results = measure(configs, prompt, args.new_tokens, args.rounds)
             rows += summarise(results, context, batch, args.new_tokens, ceiling_ms(model, context, bandwidth, batch))
+    report = json.dumps({"model": args.model, "dtype": args.dtype, "device": args.device,
+                         "bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads(), "rows": rows},
+                        indent=2)
+    if args.out:
+        args.out.write_text(report + "\n")
     if args.json:
-        print(json.dumps({"bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        print(report)
     else:
-        render(rows, bandwidth)
+        render(rows, bandwidth, args.model, args.device)
 
 
 if __name__ == "__main__":
