@@ -1,11 +1,13 @@
 """tokenpass's runtime (no method pass) against the fastest ways a user would run the same model with
 transformers, timed the same way on both sides, in one process.
 
-Each configuration generates greedily from the same prompt of real text; the whole ``generate`` call is
-timed (prefill, every decode step, sampling and appends included). Decode ms/token is the difference
-between a run of ``--new-tokens`` tokens and a run of one token, divided by the extra tokens, so prefill
-cancels out. Rounds are interleaved (every configuration once per round) and medians are reported with
-their range. Peers:
+Each configuration generates greedily from the same prompt of real text, and both sides are timed the
+same way: a streamer (HF's ``streamer=``, tokenpass's ``streamer=``) stamps the clock as each new token
+exists, so the gap between two stamps is one whole decode iteration (forward, sampling, appends, the
+loop's bookkeeping) and the first stamp closes the prefill. A round's figure is the median gap of its run;
+rounds are interleaved (every configuration once per round) and the median round is reported with the
+range over rounds. (Subtracting a one-token run from a long one, as an earlier version did, let the
+prefill's run-to-run noise swamp the decode time at 4096 tokens.) Peers:
 
 * ``hf-dynamic``: ``model.generate`` with its default dynamic cache;
 * ``hf-static``: ``cache_implementation="static"`` (a preallocated cache, HF's documented fast path);
@@ -22,7 +24,8 @@ GPU when there is one): speed depends on shapes, not on trained weights.
 Compilation happens in the warm-up, outside the timed rounds; its cost is printed, not hidden.
 
 Every speed is also given as a fraction of the bandwidth ceiling (``tools/bandwidth.py``): the time a
-step would take if it only had to stream its weights and live KV cache at the measured read bandwidth.
+step would take if it only had to stream its weights and live KV cache at the machine's read bandwidth
+(the best of one read before the rounds and one after each context).
 
     .venv/bin/python tools/bench_runtime.py --contexts 512 4096 --batches 1 --new-tokens 32 --rounds 3 \
         --compile --compile-hf
@@ -42,6 +45,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import CompileConfig, StaticCache
+from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bandwidth import ceiling_ms, read_bandwidth  # noqa: E402
@@ -51,23 +55,42 @@ from tokenpass.api import capture, fork, optimize_graphs  # noqa: E402
 from tokenpass.models import REAL_SHAPES, load_tokenizer, random_model  # noqa: E402
 from tokenpass.texts import read_text, token_ids  # noqa: E402
 
-Generate = Callable[[torch.Tensor, int, int], torch.Tensor]  # (prompt, new tokens, cache length) -> tokens
+OnToken = Callable[[], None]
+Generate = Callable[[torch.Tensor, int, int, OnToken], torch.Tensor]  # (prompt, new tokens, cache length, stamp)
+
+
+class HFStamps(BaseStreamer):
+    """HF's streamer protocol: ``put`` is called with the prompt first, then with each new token."""
+
+    def __init__(self, on_token: OnToken):
+        self.on_token, self.seen_prompt = on_token, False
+
+    def put(self, value) -> None:
+        if self.seen_prompt:
+            self.on_token()
+        self.seen_prompt = True
+
+    def end(self) -> None:
+        pass
 
 
 def hf_generate(model, static: bool = False, **options) -> Generate:
     """HF ``generate``; ``static``: a fresh ``StaticCache`` of one fixed length per context, so runs of 1
     and of N new tokens share its shape (sized by ``max_new_tokens`` instead, every run would have a
     shape of its own, and the compiled peer would recompile on each)."""
-    def run(prompt: torch.Tensor, new_tokens: int, cache_len: int) -> torch.Tensor:
+    def run(prompt: torch.Tensor, new_tokens: int, cache_len: int, on_token: OnToken) -> torch.Tensor:
         cache = {"past_key_values": StaticCache(config=model.config, max_cache_len=cache_len)} if static else {}
         with torch.no_grad():
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, **cache, **options)
+                                  min_new_tokens=new_tokens, do_sample=False, streamer=HFStamps(on_token),
+                                  **cache, **options)
     return run
 
 
 def tokenpass_generate(optimized) -> Generate:
-    return lambda prompt, new_tokens, cache_len: optimized.generate(prompt, max_new_tokens=new_tokens)
+    def run(prompt: torch.Tensor, new_tokens: int, cache_len: int, on_token: OnToken) -> torch.Tensor:
+        return optimized.generate(prompt, max_new_tokens=new_tokens, streamer=lambda tokens: on_token())
+    return run
 
 
 def hf_compile_config() -> CompileConfig:
@@ -101,28 +124,32 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def timed(run: Generate, prompt: torch.Tensor, new_tokens: int, cache_len: int) -> tuple[float, torch.Tensor]:
-    start = _clock(prompt.device)
-    out = run(prompt, new_tokens, cache_len)
-    return _clock(prompt.device) - start, out
+def timed(run: Generate, prompt: torch.Tensor, new_tokens: int, cache_len: int
+          ) -> tuple[float, list[float], torch.Tensor]:
+    """Prefill seconds, the decode iterations' seconds (gaps between token stamps) and the tokens."""
+    stamps = [_clock(prompt.device)]
+    out = run(prompt, new_tokens, cache_len, lambda: stamps.append(_clock(prompt.device)))
+    if len(stamps) != new_tokens + 1:
+        raise RuntimeError(f"expected {new_tokens} token stamps, got {len(stamps) - 1}")
+    gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return stamps[1] - stamps[0], gaps, out
 
 
 def measure(configs: dict[str, Generate], prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict[str, dict]:
-    """Interleaved rounds; per config the decode ms/token samples and the tokens of the last run."""
+    """Interleaved rounds; per config each round's median decode ms/token, its prefill s, and the tokens."""
     cache_len = prompt.shape[1] + new_tokens
     for name, run in configs.items():  # warm-up (first-call costs, compilation) outside the timed rounds
         start = time.perf_counter()
-        run(prompt[:, :16], 2, cache_len)
-        run(prompt, 2, cache_len)
+        run(prompt[:, :16], 2, cache_len, lambda: None)
+        run(prompt, 2, cache_len, lambda: None)
         print(f"{name}: warm-up (first calls, compilation) {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    samples: dict[str, list[float]] = {name: [] for name in configs}
-    outputs: dict[str, torch.Tensor] = {}
+    results: dict[str, dict] = {name: {"samples": [], "prefill_s": []} for name in configs}
     for _ in range(rounds):
         for name, run in configs.items():
-            short, _ = timed(run, prompt, 1, cache_len)
-            long, outputs[name] = timed(run, prompt, new_tokens, cache_len)
-            samples[name].append(1000 * (long - short) / (new_tokens - 1))
-    return {name: {"samples": values, "tokens": outputs[name]} for name, values in samples.items()}
+            prefill, gaps, results[name]["tokens"] = timed(run, prompt, new_tokens, cache_len)
+            results[name]["samples"].append(1000 * statistics.median(gaps))
+            results[name]["prefill_s"].append(prefill)
+    return results
 
 
 def summarise(results: dict[str, dict], context: int, batch: int, new_tokens: int, ceiling: float) -> list[dict]:
@@ -134,6 +161,7 @@ def summarise(results: dict[str, dict], context: int, batch: int, new_tokens: in
         rows.append({
             "config": name, "context": context, "batch": batch, "new_tokens": new_tokens,
             "decode_ms": median, "min_ms": min(r["samples"]), "max_ms": max(r["samples"]),
+            "prefill_s": statistics.median(r["prefill_s"]),
             "tokens_per_s": 1000 * batch / median, "vs_fastest_hf": fastest_hf / median,
             "ceiling_ms": ceiling, "of_ceiling": ceiling / median,
             "same_tokens_as_hf": bool(torch.equal(r["tokens"], reference)),
@@ -144,10 +172,11 @@ def summarise(results: dict[str, dict], context: int, batch: int, new_tokens: in
 def render(rows: list[dict], bandwidth: float, model: str, device: str) -> None:
     table = Table(title=f"{model} greedy generate on {device}, decode ms/token (median \\[min-max]); read "
                         f"bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
-    for col in ("context", "batch", "config", "ms/token", "tokens/s", "vs fastest HF", "of ceiling", "same tokens"):
+    for col in ("context", "batch", "config", "prefill s", "ms/token", "tokens/s", "vs fastest HF", "of ceiling",
+                "same tokens"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["context"]), str(r["batch"]), r["config"],
+        table.add_row(str(r["context"]), str(r["batch"]), r["config"], f"{r['prefill_s']:.2f}",
                       f"{r['decode_ms']:.1f} [{r['min_ms']:.1f}-{r['max_ms']:.1f}]", f"{r['tokens_per_s']:.1f}",
                       f"{r['vs_fastest_hf']:.2f}x", f"{100 * r['of_ceiling']:.0f}%", str(r["same_tokens_as_hf"]))
     Console(width=170).print(table)
@@ -186,15 +215,20 @@ def main() -> None:
     model = load_model(args.model, getattr(torch, args.dtype), args.device)
     configs = peers(model, args.compile_hf, args.compile, args.passes)
     ids = prompt_ids(args.model, model.config.vocab_size, max(args.contexts) + max(args.batches))
-    bandwidth = read_bandwidth(args.device)
-    rows = []
+    # The ceiling is what the machine can do: the best of several reads (one taken while something else
+    # ran would make every figure look closer to it than it is).
+    bandwidths = [read_bandwidth(args.device)]
+    measured = []
     for context in args.contexts:
         for batch in args.batches:
             prompt = torch.tensor([ids[i : i + context] for i in range(batch)], device=args.device)
-            results = measure(configs, prompt, args.new_tokens, args.rounds)
-            rows += summarise(results, context, batch, args.new_tokens, ceiling_ms(model, context, bandwidth, batch))
+            measured.append((context, batch, measure(configs, prompt, args.new_tokens, args.rounds)))
+            bandwidths.append(read_bandwidth(args.device))
+    bandwidth = max(bandwidths)
+    rows = [row for context, batch, results in measured
+            for row in summarise(results, context, batch, args.new_tokens, ceiling_ms(model, context, bandwidth, batch))]
     report = json.dumps({"model": args.model, "dtype": args.dtype, "device": args.device,
-                         "bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads(), "rows": rows},
+                         "bandwidth_bytes_per_s": bandwidth, "bandwidth_reads": bandwidths, "threads": torch.get_num_threads(), "rows": rows},
                         indent=2)
     if args.out:
         args.out.write_text(report + "\n")

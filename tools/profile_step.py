@@ -19,6 +19,9 @@ noisy: compare rows of one run.
 
 On a machine shared with other work, ``--threads 1`` avoids OpenMP threads waiting on each other at every
 op (with two threads and other processes competing, each parallel region can cost a scheduler slice).
+
+On a GPU (``--model llama-3.2-1b-random --dtype bfloat16``, the model on CUDA), the split is by GPU
+kernel time (the kernels each op launched), the step by wall time with the device synchronised.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tokenpass
-from tokenpass.models import load_tokenizer
+from tokenpass.models import REAL_SHAPES, load_tokenizer, random_model
 from tokenpass.runtime.compiled import CompileReport
 from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.model import OptimizedModel
@@ -70,7 +73,12 @@ def _ancestors(event: FunctionEvent):
         parent = parent.cpu_parent
 
 
-def _outermost(events: list[FunctionEvent], hit: Callable[[FunctionEvent], bool]) -> float:
+def _op_time(event: FunctionEvent, cuda: bool) -> float:
+    """An op's time (us): on CUDA the GPU time of the kernels it launched, else its CPU time."""
+    return event.device_time_total if cuda else event.cpu_time_total
+
+
+def _outermost(events: list[FunctionEvent], hit: Callable[[FunctionEvent], bool], cuda: bool = False) -> float:
     """Summed time (us) of events ``hit`` selects whose ancestors it does not select (no double counting:
     ``linear`` calls ``addmm``) and that do not run inside an attention op."""
     total = 0.0
@@ -79,19 +87,19 @@ def _outermost(events: list[FunctionEvent], hit: Callable[[FunctionEvent], bool]
             continue
         if any(hit(a) or a.name.startswith(ATTENTION_PREFIX) for a in _ancestors(event)):
             continue
-        total += event.cpu_time_total
+        total += _op_time(event, cuda)
     return total
 
 
-def split_steps(events: list[FunctionEvent]) -> list[tuple[float, float, float]]:
+def split_steps(events: list[FunctionEvent], cuda: bool = False) -> list[tuple[float, float, float]]:
     """``(step, gemv, attention)`` microseconds for each profiled step."""
     steps = [e for e in events if e.name == STEP]
     rows = []
     for step in steps:
         inside = [e for e in events if e.time_range.start >= step.time_range.start
                   and e.time_range.end <= step.time_range.end and e.thread == step.thread and e is not step]
-        gemv = _outermost(inside, lambda e: e.name in GEMV_OPS)
-        attention = _outermost(inside, lambda e: e.name.startswith(ATTENTION_PREFIX))
+        gemv = _outermost(inside, lambda e: e.name in GEMV_OPS, cuda)
+        attention = _outermost(inside, lambda e: e.name.startswith(ATTENTION_PREFIX), cuda)
         rows.append((step.cpu_time_total, gemv, attention))
     return rows
 
@@ -102,16 +110,20 @@ class Stepper:
     def __init__(self, model: OptimizedModel, ids: torch.Tensor, context: int, config: str, mode: str):
         self.model, self.config, self.mode = model, config, mode
         self.session = model.session(1, capacity=ids.shape[1] + 1)
+        self.device = model.spec.device
+        ids = ids.to(self.device)
         prompt = ids[:, :context]
         self.positions = positions_from_mask(torch.ones_like(prompt))
         self.session.step(prompt, torch.ones_like(prompt), self.positions, last_only=True)
         self.feed = iter(ids[0, context:].tolist())
-        self.valid = torch.ones((1, 1), dtype=torch.long)
+        self.valid = torch.ones((1, 1), dtype=torch.long, device=self.device)
         self.times: list[float] = []
 
     def step(self) -> None:
         self.positions = self.positions[:, -1:] + 1
-        self.session.step(torch.tensor([[next(self.feed)]]), self.valid, self.positions)
+        self.session.step(torch.tensor([[next(self.feed)]], device=self.device), self.valid, self.positions)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def timed(self, steps: int) -> None:
         for _ in range(steps):
@@ -120,11 +132,13 @@ class Stepper:
             self.times.append(time.perf_counter() - start)
 
     def profiled(self, steps: int) -> Breakdown:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cuda = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+        with profile(activities=activities) as prof:
             for _ in range(steps):
                 with record_function(STEP):
                     self.step()
-        rows = split_steps(list(prof.events()))
+        rows = split_steps(list(prof.events()), cuda)
         report = self.model.compile_report
         return Breakdown(self.config, self.mode, 1000 * statistics.median(self.times),
                          statistics.median(r[0] for r in rows) / 1000, statistics.median(r[1] for r in rows) / 1000,
@@ -152,12 +166,19 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", *(f"{n}-random" for n in REAL_SHAPES)])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = tokenpass.load("smollm2")
-    total = args.context + args.warmup + args.rounds * args.steps + args.profile_steps
-    ids = torch.tensor(token_ids(load_tokenizer("smollm2"), read_text(), total))[None]
+    dtype, total = getattr(torch, args.dtype), args.context + args.warmup + args.rounds * args.steps + args.profile_steps
+    if args.model == "smollm2":
+        model = tokenpass.load("smollm2", dtype=dtype).to(args.device)
+        ids = torch.tensor(token_ids(load_tokenizer("smollm2"), read_text(), total))[None]
+    else:  # random weights: the speed of a real shape, nothing about quality
+        model = random_model(args.model.removesuffix("-random"), dtype=dtype, device=args.device)
+        ids = torch.randint(0, model.config.vocab_size, (1, total), generator=torch.Generator().manual_seed(0))
     steppers = []
     for config in args.configs:
         eager = tokenpass.optimize(model, passes=[] if config == "dense" else [config])
@@ -172,7 +193,8 @@ def main() -> None:
         for stepper in steppers:
             stepper.timed(args.steps)
     rows = [stepper.profiled(args.profile_steps) for stepper in steppers]
-    print(f"\nSmolLM2, context {args.context}, batch 1, cpu x{torch.get_num_threads()} threads; ms/token: median of "
+    where = f"cpu x{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
+    print(f"\n{args.model} {args.dtype}, context {args.context}, batch 1, {where}; ms/token: median of "
           f"{args.rounds} x {args.steps} steps (interleaved); split: median of {args.profile_steps} profiled steps\n")
     print(table(rows))
 
