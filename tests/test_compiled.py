@@ -136,3 +136,14 @@ def test_bench_compile_reports_compile_seconds(dense):
     assert report["compiled"] is True
     (base,) = report["configs"]
     assert base["compile_s"] > 0 and base["ppl_ratio"] == pytest.approx(1.0)
+
+
+def test_cpp_wrapper_decode_gives_the_eager_tokens(dense, prompts):
+    """Inductor's C++ wrapper (kernels called from C++, prefill and decode) still calls the runtime's
+    cache ops at run time: the same tokens as eager."""
+    eager, _, eager_tokens, _ = dense
+    ids, mask = prompts
+    compiled = eager.compiled(cpp_wrapper=True)
+    assert torch.equal(compiled.generate(ids, mask, max_new_tokens=NEW_TOKENS), eager_tokens)
+    assert inductor_options(Bucket("decode", 2, "cpu"), cpp_wrapper=True) == {"cpp_wrapper": True}
+    assert compiled.compile_report.recompiles == 0

@@ -16,6 +16,8 @@ prefill's run-to-run noise swamp the decode time at 4096 tokens.) Peers:
   slow to compile on a small CPU, so off by default);
 * ``tokenpass``: ``tokenpass.optimize(model)`` (no method pass), steps run op by op;
 * ``tokenpass-compiled``: the same with ``compile=True`` (Inductor per shape bucket; ``--compile``);
+* ``tokenpass-compiled-cpp``: compiled with Inductor's C++ wrapper (``--cpp-wrapper``: kernels called
+  from C++, not Python; a much slower first compilation);
 * ``tokenpass+<pass>``: with a method pass (``--passes tidaldecode``), also compiled with ``--compile``.
 
 ``--model llama-3.2-1b-random --dtype bfloat16`` times a randomly initialised model of that shape (on the
@@ -101,7 +103,8 @@ def hf_compile_config() -> CompileConfig:
     return config
 
 
-def peers(model, compile_hf: bool, compile_tokenpass: bool, passes: list[str]) -> dict[str, Generate]:
+def peers(model, compile_hf: bool, compile_tokenpass: bool, passes: list[str], cpp_wrapper: bool = False
+          ) -> dict[str, Generate]:
     """HF's configurations, then tokenpass with no method pass and with each of ``passes`` (one pass spec
     each: ``tidaldecode``, ``tidaldecode:top_k=512``), each also compiled with ``compile_tokenpass``."""
     configs = {"hf-dynamic": hf_generate(model), "hf-static": hf_generate(model, static=True)}
@@ -114,6 +117,8 @@ def peers(model, compile_hf: bool, compile_tokenpass: bool, passes: list[str]) -
         configs[label] = tokenpass_generate(optimized)
         if compile_tokenpass:
             configs[f"{label}-compiled"] = tokenpass_generate(optimized.compiled())
+            if cpp_wrapper:
+                configs[f"{label}-compiled-cpp"] = tokenpass_generate(optimized.compiled(cpp_wrapper=True))
     return configs
 
 
@@ -208,12 +213,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile-hf", action="store_true", help="add HF static cache + compiled decode step")
     parser.add_argument("--compile", action="store_true", help="add tokenpass with compiled steps")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="with --compile, also tokenpass compiled with Inductor's C++ wrapper (slow first compile)")
     parser.add_argument("--passes", nargs="*", default=[], help="method pass specs to add as tokenpass rows")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     args = parser.parse_args()
     model = load_model(args.model, getattr(torch, args.dtype), args.device)
-    configs = peers(model, args.compile_hf, args.compile, args.passes)
+    configs = peers(model, args.compile_hf, args.compile, args.passes, args.cpp_wrapper)
     ids = prompt_ids(args.model, model.config.vocab_size, max(args.contexts) + max(args.batches))
     # The ceiling is what the machine can do: the best of several reads (one taken while something else
     # ran would make every figure look closer to it than it is).

@@ -23,6 +23,12 @@ What is compiled, keyed by ``Bucket``:
   size-obliviously like the captured program, so batch 1 needs no recompilation of its own), no CUDA
   graphs.
 
+``cpp_wrapper=True`` has Inductor emit the code that calls a step's kernels in C++ instead of Python.
+A decode step makes hundreds of kernel and library calls; on a small CPU the Python wrapper costs ~3 ms of
+a ~39 ms SmolLM2 step, which the C++ wrapper saves (36 ms measured), at the price of a much longer
+first compilation (about 100 s instead of 5 s for SmolLM2's decode step on 2 cores; Inductor's on-disk
+cache serves later processes). Off by default for that reason.
+
 Every bucket is its own module object (sharing the graph's parameters), so Dynamo's per-code-object
 cache never mixes buckets nor hits its recompile limit. Each bucket's first call (tracing, Inductor's
 code generation, the C++ or Triton build, one run) is timed and recorded in a ``CompileReport``; a later
@@ -116,13 +122,15 @@ def uses_cudagraphs(bucket: Bucket) -> bool:
     return bucket.device == "cuda" and bucket.batch is not None
 
 
-def inductor_options(bucket: Bucket) -> dict:
+def inductor_options(bucket: Bucket, cpp_wrapper: bool = False) -> dict:
     """Inductor config for ``bucket``: on CUDA decode, CUDA graphs with the graph split around every op
-    that reads the runtime cache (those run eagerly; see the module docstring). Empty on CPU."""
-    if not uses_cudagraphs(bucket):
-        return {}
-    return {"triton.cudagraphs": True, "graph_partition": True,
-            "custom_should_partition_ops": sorted(str(spec.op._schema.name) for spec in runtime_cache_ops())}
+    that reads the runtime cache (those run eagerly; see the module docstring); ``cpp_wrapper`` asks for
+    the C++ wrapper. Empty on CPU by default."""
+    options: dict = {"cpp_wrapper": True} if cpp_wrapper else {}
+    if uses_cudagraphs(bucket):
+        options |= {"triton.cudagraphs": True, "graph_partition": True,
+                    "custom_should_partition_ops": sorted(str(spec.op._schema.name) for spec in runtime_cache_ops())}
+    return options
 
 
 class _Counter:
@@ -174,9 +182,9 @@ def _packed(tensor: torch.Tensor) -> torch.Tensor:
 class CompiledStep:
     """One bucket's compiled module, called like ``TokenGraph.module()`` by ``executor.run_step``."""
 
-    def __init__(self, graph: TokenGraph, bucket: Bucket, report: CompileReport):
+    def __init__(self, graph: TokenGraph, bucket: Bucket, report: CompileReport, cpp_wrapper: bool = False):
         self.bucket, self.report, self.version = bucket, report, graph.version
-        self.backend = _Counter(inductor_options(bucket))
+        self.backend = _Counter(inductor_options(bucket, cpp_wrapper))
         dynamic = bucket.batch is None
         # A module of its own (parameters shared with the program): its own Dynamo cache entries.
         self.module = torch.compile(graph.program.module(), backend=self.backend, fullgraph=True,
@@ -232,12 +240,12 @@ class CompiledStep:
 class CompiledSteps:
     """The compiled modules of one model's lowered graphs, made on first use per bucket, and their report."""
 
-    def __init__(self, graphs: Mapping[str, TokenGraph]):
+    def __init__(self, graphs: Mapping[str, TokenGraph], cpp_wrapper: bool = False):
         unlowered = [graph.label for graph in graphs.values() if not graph.reads_runtime_cache()]
         if unlowered:
             raise TokenpassError(f"compiling needs graphs lowered onto the runtime KV cache; {', '.join(unlowered)} "
                                  "is not (see the lower_kv_cache reports)")
-        self.graphs = graphs
+        self.graphs, self.cpp_wrapper = graphs, cpp_wrapper
         self.report = CompileReport()
         self._steps: dict[Bucket, CompiledStep] = {}
 
@@ -247,7 +255,7 @@ class CompiledSteps:
         bucket = bucket_of(graph.phase or "step", input_ids)
         step = self._steps.get(bucket)
         if step is None or step.version != graph.version:
-            step = self._steps[bucket] = CompiledStep(graph, bucket, self.report)
+            step = self._steps[bucket] = CompiledStep(graph, bucket, self.report, self.cpp_wrapper)
         return step
 
     @property

@@ -39,11 +39,12 @@ class OptimizedModel:
         self.lowered = all(lowered.values())
         self.compiled_steps: CompiledSteps | None = None
 
-    def compiled(self) -> "OptimizedModel":
+    def compiled(self, cpp_wrapper: bool = False) -> "OptimizedModel":
         """This model with its steps compiled by ``torch.compile`` (``runtime/compiled.py``): same graphs,
-        same tokens; each shape bucket compiles on its first call, recorded in ``compile_report``."""
+        same tokens; each shape bucket compiles on its first call, recorded in ``compile_report``.
+        ``cpp_wrapper``: kernels called from C++ (a faster step, a much slower first compilation)."""
         twin = OptimizedModel(self.spec, self.graphs, self.reports)
-        twin.compiled_steps = CompiledSteps(self.graphs)
+        twin.compiled_steps = CompiledSteps(self.graphs, cpp_wrapper)
         return twin
 
     @property
