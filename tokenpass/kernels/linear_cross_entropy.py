@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenpass.kernels.linear_cross_entropy_ref import vocab_order
+
 
 @triton.jit
 def _capped(z, softcap):
@@ -160,26 +162,6 @@ def _backward_kernel(
                 dc = tl.dot(tl.trans(d_low), e)
             tl.atomic_add(D_E + offs_b[:, None] * features + dd[None, :], de, mask=b_mask[:, None] & d_mask[None, :])
             tl.atomic_add(D_C + offs_v[:, None] * features + dd[None, :], dc, mask=v_mask[:, None] & d_mask[None, :])
-
-
-def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float | None:
-    """``"auto"``: ``finfo(dtype).eps / 32`` (below what the gradient's dtype can hold); None: exact."""
-    if filter_eps is None:
-        return None
-    if filter_eps == "auto":
-        return torch.finfo(dtype).eps / 32
-    if isinstance(filter_eps, str) or not filter_eps >= 0:
-        raise ValueError(f"filter_eps must be 'auto', None or a number >= 0, got {filter_eps!r}")
-    return float(filter_eps)
-
-
-def vocab_order(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Vocabulary indices by decreasing mean (uncapped) logit over the rows: one matrix-vector product,
-    since the mean of ``E @ C.T`` over rows is ``mean(E) @ C.T``."""
-    mean_logit = weight.float() @ hidden.float().mean(0)
-    if bias is not None:
-        mean_logit += bias.float()
-    return torch.argsort(mean_logit, descending=True)
 
 
 def _block_d(features: int, block_d: int | None) -> int:

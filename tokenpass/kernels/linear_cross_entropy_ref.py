@@ -289,3 +289,23 @@ def _chunk_is_filtered(p: torch.Tensor, hit: torch.Tensor, eps: float) -> bool:
     """True when every ``|softmax - onehot|`` of the chunk is below ``eps``: no target falls in it (a
     target's entry ``1 - p`` is >= eps whenever all ``p < eps``) and every probability is below ``eps``."""
     return hit.numel() == 0 and not bool((p >= eps).any())
+
+
+def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float | None:
+    """``"auto"``: ``finfo(dtype).eps / 32`` (below what the gradient's dtype can hold); None: exact."""
+    if filter_eps is None:
+        return None
+    if filter_eps == "auto":
+        return torch.finfo(dtype).eps / 32
+    if isinstance(filter_eps, str) or not filter_eps >= 0:
+        raise ValueError(f"filter_eps must be 'auto', None or a number >= 0, got {filter_eps!r}")
+    return float(filter_eps)
+
+
+def vocab_order(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Vocabulary indices by decreasing mean (uncapped) logit over the rows: one matrix-vector product,
+    since the mean of ``E @ C.T`` over rows is ``mean(E) @ C.T``."""
+    mean_logit = weight.float() @ hidden.float().mean(0)
+    if bias is not None:
+        mean_logit += bias.float()
+    return torch.argsort(mean_logit, descending=True)
