@@ -229,7 +229,7 @@ def chunked_lse_forward(
             z = _chunk_logits(e, weight, bias, v0, v1, softcap)
             picked[r0:r1] += _target_logit(z, t, v0)
             m_new = torch.maximum(m, z.amax(1))
-            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+            s = s * torch.exp(m - m_new) + z.sub_(m_new[:, None]).exp_().sum(1)  # in place: one chunk alive
             m = m_new
         lse[r0:r1] = m + torch.log(s)
     return lse, picked
@@ -268,21 +268,27 @@ def chunked_backward(
         for v0 in range(0, vocab, vocabulary):
             v1 = min(vocab, v0 + vocabulary)
             z = _chunk_logits(e, weight, bias, v0, v1, softcap)
-            d = torch.exp(z - lse[r0:r1, None])
+            cap_grad = None if softcap is None else _cap_derivative(z, softcap)
+            d = z.sub_(lse[r0:r1, None]).exp_()  # in place: z is not needed past the cap's derivative
             local = t - v0
             hit = ((local >= 0) & (local < v1 - v0)).nonzero().squeeze(1)
             if filter_eps is not None and _chunk_is_filtered(d, hit, filter_eps):
                 continue
             d.mul_(g_total)
             d.index_put_((hit, local[hit]), -g[hit, 0], accumulate=True)
-            if softcap is not None:
-                d.mul_(1 - (z / softcap).square_())
+            if cap_grad is not None:
+                d.mul_(cap_grad)
             c = weight[v0:v1].to(acc)
             d_hidden[r0:r1].addmm_(d, c)
             d_weight[v0:v1].addmm_(d.T, e)
             if d_bias is not None:
                 d_bias[v0:v1] += d.sum(0)
     return d_hidden, d_weight, d_bias
+
+
+def _cap_derivative(capped: torch.Tensor, softcap: float) -> torch.Tensor:
+    """``d capped / d raw = 1 - (capped / softcap)^2`` (the derivative of ``s * tanh(x / s)``)."""
+    return (capped / softcap).square_().neg_().add_(1)
 
 
 def _chunk_is_filtered(p: torch.Tensor, hit: torch.Tensor, eps: float) -> bool:
