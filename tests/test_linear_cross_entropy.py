@@ -53,21 +53,23 @@ def _torch_ref(hidden, weight, targets, bias, softcap, reduction, shift):
     return loss.view(targets.shape) if reduction == "none" else loss, lse
 
 
-def _loss_and_grads(fn, hidden, weight, targets, bias, dtype, **options):
-    """Loss, LSE and the gradients of a fixed objective using both (a z-loss term exercises ``lse``'s grad)."""
+def _loss_and_grads(fn, hidden, weight, targets, bias, dtype, zloss=True, **options):
+    """Loss, LSE and the gradients of a fixed objective; ``zloss`` adds ``lse``'s (its gradient path)."""
     h = hidden.detach().to(dtype).clone().requires_grad_()
     w = weight.detach().to(dtype).clone().requires_grad_()
     b = None if bias is None else bias.detach().to(dtype).clone().requires_grad_()
     loss, lse = fn(h, w, targets, b, **options)
     g = torch.Generator().manual_seed(7)
     weights = torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype) if loss.dim() else 1.0
-    ((loss * weights).sum() + 1e-2 * lse.float().pow(2).sum()).backward()
+    objective = (loss * weights).sum()
+    (objective + 1e-2 * lse.float().pow(2).sum() if zloss else objective).backward()
     grads = [h.grad, w.grad] + ([] if b is None else [b.grad])
     return [t.detach().double() for t in [loss, lse, *grads]]
 
 
-def _ours(h, w, t, b, softcap, reduction, shift, filter_eps=None):
-    return linear_cross_entropy(h, w, t, b, IGNORE, softcap, reduction, shift, filter_eps=filter_eps, return_lse=True)
+def _ours(h, w, t, b, softcap, reduction, shift, filter_eps=None, fused=None):
+    return linear_cross_entropy(h, w, t, b, IGNORE, softcap, reduction, shift, filter_eps=filter_eps, return_lse=True,
+                                fused=fused)
 
 
 def _gt(h, w, t, b, softcap, reduction, shift):
@@ -94,7 +96,7 @@ def _use_triton(monkeypatch) -> None:
 def _use_small_chunks(monkeypatch) -> None:
     """Several token and vocabulary chunks on the CPU path even on these small shapes."""
     monkeypatch.setattr(ref, "CPU_TOKEN_CHUNK", 100)
-    monkeypatch.setattr(ref, "CPU_CHUNK_ELEMENTS", 100 * 150)
+    monkeypatch.setattr(ref, "CPU_CHUNK_ELEMENTS", 100 * 150)  # the fused op: 29 rows of 507
 
 
 @pytest.fixture(params=["chunked", "triton"])
@@ -104,22 +106,42 @@ def path(request, monkeypatch):
     return request.param
 
 
-def _check_fp32(reduction, softcap, bias, shift):
+def _check_fp32(reduction, softcap, bias, shift, zloss=True, fused=None):
     hidden, weight, targets, b = _inputs(126, 507, 123, torch.float64, bias, batch=2)  # 252 rows, odd D
-    options = dict(softcap=softcap, reduction=reduction, shift=shift)
+    options = dict(softcap=softcap, reduction=reduction, shift=shift, zloss=zloss)
     gt = _loss_and_grads(_gt, hidden, weight, targets, b, torch.float64, **options)
     torch_ref = _loss_and_grads(_torch_ref, hidden, weight, targets, b, torch.float32, **options)
-    ours = _loss_and_grads(_ours, hidden, weight, targets, b, torch.float32, **options)
+    ours = _loss_and_grads(_ours, hidden, weight, targets, b, torch.float32, fused=fused, **options)
     _assert_no_worse(ours, torch_ref, gt, tol=1e-6)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shift", [0, 1])
-def test_chunked_matches_ground_truth_fp32(monkeypatch, reduction, softcap, bias, shift):
+_CPU_CASES = [  # per-row losses always take the recomputing op, so only scalar ones vary the z-loss
+    (reduction, softcap, bias, shift, zloss)
+    for reduction in ("mean", "sum", "none") for softcap in (None, 3.0) for bias in (False, True) for shift in (0, 1)
+    for zloss in ((True,) if reduction == "none" else (False, True))
+]
+
+
+@pytest.mark.parametrize("reduction,softcap,bias,shift,zloss", _CPU_CASES)
+def test_cpu_matches_ground_truth_fp32(monkeypatch, reduction, softcap, bias, shift, zloss):
+    """Scalar losses take the one-pass fused op (a z-loss falls back to the recomputing backward)."""
     _use_small_chunks(monkeypatch)
-    _check_fp32(reduction, softcap, bias, shift)
+    _check_fp32(reduction, softcap, bias, shift, zloss)
+
+
+@pytest.mark.parametrize("reduction,softcap,bias,shift", [("mean", 3.0, True, 1), ("sum", None, False, 0)])
+def test_cpu_recomputing_op_matches_ground_truth_fp32(monkeypatch, reduction, softcap, bias, shift):
+    _use_small_chunks(monkeypatch)
+    _check_fp32(reduction, softcap, bias, shift, zloss=False, fused=False)
+
+
+def test_fused_op_refuses_a_second_backward():
+    hidden, weight, targets, _ = _inputs(10, 40, 8, torch.float32, False)
+    h = hidden.float().requires_grad_()
+    loss = linear_cross_entropy(h, weight.float(), targets, fused=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(TokenpassError, match="already used"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("reduction,softcap,bias,shift", [  # every value of every option, pairwise-ish
@@ -229,12 +251,13 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_cpu_path_never_holds_tokens_by_vocabulary():
+@pytest.mark.parametrize("fused", [True, False])
+def test_cpu_path_never_holds_tokens_by_vocabulary(fused):
     rows, vocab, features = 2048, 8192, 32
     hidden, weight, targets, b = _inputs(rows, vocab, features, torch.float32, True, ignore_fraction=0.1)
     h, w, bb = hidden.float().requires_grad_(), weight.float().requires_grad_(), b.float().requires_grad_()
     with _LargestTensor() as mode:
-        linear_cross_entropy(h, w, targets, bb, softcap=30.0).backward()
+        linear_cross_entropy(h, w, targets, bb, softcap=30.0, fused=fused).backward()
     assert mode.largest <= ref.CPU_CHUNK_ELEMENTS and 4 * ref.CPU_CHUNK_ELEMENTS <= rows * vocab
 
 
@@ -274,6 +297,8 @@ def test_the_op_passes_opcheck():
     h, w, bb = hidden.float().requires_grad_(), weight.float().requires_grad_(), b.float().requires_grad_()
     for reduction in ("mean", "none"):
         torch.library.opcheck(ops.linear_cross_entropy_op_overload, (h, w, targets, bb, IGNORE, 2.0, reduction, 1, None))
+    torch.library.opcheck(ops.linear_cross_entropy_fused_overload, (h, w, targets, bb, IGNORE, 2.0, "sum", 1),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("change,message", [
@@ -325,3 +350,6 @@ def test_chunked_path_equals_reference_on_random_shapes(rows, vocab, features, t
     torch.testing.assert_close(ref.scatter_rows(d_rows, rows_).view(h.shape), h.grad)
     torch.testing.assert_close(d_w, w.grad)
     torch.testing.assert_close(d_b, bb.grad)
+    fused = ref.chunked_forward_backward(rows_.hidden, weight, rows_.targets, b, softcap, token_chunk)
+    for got, expected in zip(fused, (lse, picked, d_rows, d_w, d_b)):
+        torch.testing.assert_close(got, expected)

@@ -286,6 +286,58 @@ def chunked_backward(
     return d_hidden, d_weight, d_bias
 
 
+def fused_token_chunk(rows: int, vocab: int, token_chunk: int | None = None) -> int:
+    """Rows per chunk of ``chunked_forward_backward``: its ``[rows, V]`` logits hold ``CPU_CHUNK_ELEMENTS``."""
+    return max(1, min(rows, token_chunk or max(16, CPU_CHUNK_ELEMENTS // max(vocab, 1))))
+
+
+def chunked_forward_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    token_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(lse, target_logit, dE, dC, dbias)`` for a unit gradient on every row's nll, in one pass.
+
+    Why: a scalar loss's backward only scales these by ``grad / count``, so computing them while the
+    logits are at hand costs three matmuls per chunk (logits, ``d @ C``, ``d^T @ E``) instead of the
+    forward-then-recompute path's four. Chunks span the whole vocabulary (the LSE must be final before
+    ``softmax - onehot``), so they are only ``token_chunk`` rows tall; each chunk also rewrites all of
+    ``dC``, which is why this wins on the CPU (memory traffic is cheap next to a saved matmul) and is not
+    the GPU's design.
+    """
+    count, vocab = hidden.shape[0], weight.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    lse = torch.empty(count, dtype=acc, device=hidden.device)
+    picked = torch.empty(count, dtype=acc, device=hidden.device)
+    d_hidden = torch.empty(count, hidden.shape[1], dtype=acc, device=hidden.device)
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    d_bias = None if bias is None else torch.zeros(vocab, dtype=acc, device=weight.device)
+    c = weight.to(acc)
+    tokens = fused_token_chunk(count, vocab, token_chunk)
+    for r0 in range(0, count, tokens):
+        r1 = min(count, r0 + tokens)
+        e, t = hidden[r0:r1].to(acc), targets[r0:r1]
+        z = _chunk_logits(e, c, bias, 0, vocab, softcap)
+        picked[r0:r1] = z.gather(1, t[:, None]).squeeze(1)
+        cap_grad = None if softcap is None else _cap_derivative(z, softcap)
+        m = z.amax(1, keepdim=True)
+        p = z.sub_(m).exp_()  # in place: the chunk is the only [rows, V] tensor alive (two with a cap)
+        total = p.sum(1, keepdim=True)
+        lse[r0:r1] = (m + total.log()).squeeze(1)
+        d = p.div_(total)
+        d[torch.arange(r1 - r0, device=d.device), t] -= 1
+        if cap_grad is not None:
+            d.mul_(cap_grad)
+        torch.mm(d, c, out=d_hidden[r0:r1])
+        d_weight.addmm_(d.T, e)
+        if d_bias is not None:
+            d_bias += d.sum(0)
+    return lse, picked, d_hidden, d_weight, d_bias
+
+
 def _cap_derivative(capped: torch.Tensor, softcap: float) -> torch.Tensor:
     """``d capped / d raw = 1 - (capped / softcap)^2`` (the derivative of ``s * tanh(x / s)``)."""
     return (capped / softcap).square_().neg_().add_(1)

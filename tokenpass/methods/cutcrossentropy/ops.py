@@ -146,6 +146,80 @@ torch.library.register_autograd(LINEAR_CROSS_ENTROPY, _backward_formula, setup_c
 linear_cross_entropy_op_overload = torch.ops.tokenpass.linear_cross_entropy.default
 
 
+# The CPU's one-pass variant: loss and the gradients of a scalar loss together (three matmuls per chunk,
+# not the forward-then-recompute four). The gradients leave as extra outputs the wrapper hides; the
+# backward scales them in place by the upstream gradient, so they are used once (like torch's chunked
+# ``linear_cross_entropy``, a second backward through the same graph is an error).
+LINEAR_CROSS_ENTROPY_FUSED = "tokenpass::linear_cross_entropy_fused"
+torch.library.define(
+    LINEAR_CROSS_ENTROPY_FUSED,
+    "(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias=None, int ignore_index=-100, float? softcap=None, "
+    "str reduction='mean', int shift=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.impl(LINEAR_CROSS_ENTROPY_FUSED, "CompositeExplicitAutograd")
+def linear_cross_entropy_fused_op(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None,
+                                  reduction="mean", shift=0):
+    _user_error(lambda: ref.check_arguments(hidden, weight, targets, bias, softcap, reduction, shift))
+    if reduction == "none":
+        raise TokenpassError("linear_cross_entropy_fused: reduction must be 'sum' or 'mean' (per-row losses need "
+                             "per-row gradients: use tokenpass::linear_cross_entropy)")
+    rows = _rows(hidden, weight, targets, ignore_index, shift)
+    lse, target_logit, d_rows, d_weight, d_bias = ref.chunked_forward_backward(rows.hidden, weight, rows.targets, bias,
+                                                                              softcap)
+    dtype = _loss_dtype(hidden)
+    if reduction == "mean":  # fold 1 / count in now: the backward then needs no row count
+        for grad in (d_rows, d_weight, d_bias):
+            if grad is not None:
+                grad.div_(rows.index.shape[0])
+    loss = ref.reduce_rows((lse - target_logit).to(dtype), rows, reduction)
+    d_hidden = ref.scatter_rows(d_rows, rows).view(hidden.shape)
+    d_bias = d_weight.new_empty(0) if d_bias is None else d_bias
+    return loss, ref.scatter_rows(lse.to(dtype), rows), d_hidden, d_weight, d_bias
+
+
+@torch.library.register_fake(LINEAR_CROSS_ENTROPY_FUSED)
+def _linear_cross_entropy_fused_fake(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None,
+                                     reduction="mean", shift=0):
+    dtype = _loss_dtype(hidden)
+    return (hidden.new_empty((), dtype=dtype), hidden.new_empty(hidden.shape[:-1], dtype=dtype),
+            hidden.new_empty(hidden.shape, dtype=dtype), weight.new_empty(weight.shape, dtype=dtype),
+            weight.new_empty((0,) if bias is None else bias.shape, dtype=dtype))
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, targets, bias, ignore_index, softcap, reduction, shift, _ = _full_args(*inputs)
+    ctx.save_for_backward(hidden, weight, targets, bias, output[1])
+    ctx.options = (ignore_index, softcap, reduction, shift, None)
+    ctx.grads = output[2:]
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
+
+
+def _fused_backward(ctx, grad_loss, grad_lse, *_):
+    if grad_lse is not None or grad_loss is None:  # a z-loss (or only lse) needs the recomputing backward
+        return _backward_formula(ctx, grad_loss, grad_lse)[:8]
+    if ctx.grads is None:
+        raise TokenpassError("linear_cross_entropy_fused: its gradients were already used by a backward; "
+                             "use tokenpass::linear_cross_entropy to backward twice")
+    hidden, weight, _, bias, _ = ctx.saved_tensors
+    d_hidden, d_weight, d_bias = (grad.mul_(grad_loss) for grad in ctx.grads)
+    ctx.grads = None
+    return (d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), None,
+            None if bias is None else d_bias.to(bias.dtype), None, None, None, None)
+
+
+torch.library.register_autograd(LINEAR_CROSS_ENTROPY_FUSED, _fused_backward, setup_context=_fused_setup_context)
+linear_cross_entropy_fused_overload = torch.ops.tokenpass.linear_cross_entropy_fused.default
+
+
+def _wants_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reduction: str) -> bool:
+    """The one-pass op: on the CPU, for a scalar loss whose gradients will be asked for."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return needs_grad and reduction != "none" and not _uses_kernels(hidden)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -157,12 +231,21 @@ def linear_cross_entropy(
     shift: int = 0,
     filter_eps: float | str | None = "auto",
     return_lse: bool = False,
+    fused: bool | None = None,
 ):
     """The op with ``filter_eps`` resolved (``"auto"``: ``finfo(dtype).eps / 32``; None: exact gradients).
 
     Returns the loss, or ``(loss, lse)`` with ``return_lse`` (e.g. ``loss + 1e-4 * lse.pow(2).mean()``).
+    ``fused`` picks ``tokenpass::linear_cross_entropy_fused`` (gradients computed in the forward; no
+    filtering); None: on the CPU for a scalar loss under autograd, where it is faster.
     """
     eps = _user_error(lambda: ref.resolve_filter_eps(filter_eps, hidden.dtype))
+    if fused is None:
+        fused = _wants_fused(hidden, weight, bias, reduction)
+    if fused:
+        loss, lse, *_ = linear_cross_entropy_fused_overload(hidden, weight, targets, bias, ignore_index, softcap,
+                                                            reduction, shift)
+        return (loss, lse) if return_lse else loss
     loss, lse = linear_cross_entropy_op_overload(hidden, weight, targets, bias, ignore_index, softcap, reduction, shift,
                                                  eps)
     return (loss, lse) if return_lse else loss
