@@ -153,13 +153,16 @@ def test_triton_matches_ground_truth_fp32(monkeypatch, reduction, softcap, bias,
     _check_fp32(reduction, softcap, bias, shift)
 
 
-@pytest.mark.parametrize("reduction,softcap,bias,shift", [("mean", None, False, 1), ("none", 3.0, True, 0)])
-def test_matches_ground_truth_bf16_cpu(reduction, softcap, bias, shift):
-    """bf16 inputs: ours accumulates in fp32, so it is far closer to gt than torch's bf16 logits."""
+@pytest.mark.parametrize("reduction,softcap,bias,shift", [("mean", None, False, 1), ("sum", 3.0, True, 0),
+                                                          ("none", 3.0, True, 0)])
+def test_matches_ground_truth_bf16_cpu(monkeypatch, reduction, softcap, bias, shift):
+    """bf16 inputs: ours accumulates in fp32, so it is far closer to gt than torch's bf16 logits. Small
+    chunks: the fused op converts the bf16 head to fp32 piece by piece."""
+    _use_small_chunks(monkeypatch)
     hidden, weight, targets, b = _inputs(60, 131, 37, torch.float64, bias, batch=2)
     hidden, weight = hidden.bfloat16().double(), weight.bfloat16().double()  # gt sees the rounded inputs
     b = None if b is None else b.bfloat16().double()
-    options = dict(softcap=softcap, reduction=reduction, shift=shift)
+    options = dict(softcap=softcap, reduction=reduction, shift=shift, zloss=reduction == "none")  # fused path
     gt = _loss_and_grads(_gt, hidden, weight, targets, b, torch.float64, **options)
     torch_ref = _loss_and_grads(_torch_ref, hidden, weight, targets, b, torch.bfloat16, **options)
     ours = _loss_and_grads(_ours, hidden, weight, targets, b, torch.bfloat16, **options)

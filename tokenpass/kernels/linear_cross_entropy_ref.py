@@ -315,12 +315,13 @@ def chunked_forward_backward(
     d_hidden = torch.empty(count, hidden.shape[1], dtype=acc, device=hidden.device)
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     d_bias = None if bias is None else torch.zeros(vocab, dtype=acc, device=weight.device)
-    c = weight.to(acc)
+    pieces = _weight_pieces(vocab, weight.dtype == acc)
     tokens = fused_token_chunk(count, vocab, token_chunk)
     for r0 in range(0, count, tokens):
         r1 = min(count, r0 + tokens)
         e, t = hidden[r0:r1].to(acc), targets[r0:r1]
-        z = _chunk_logits(e, c, bias, 0, vocab, softcap)
+        z = _chunk_logits(e, weight, bias, 0, vocab, softcap) if len(pieces) == 1 else _logits_by_pieces(
+            e, weight, bias, pieces, softcap)
         picked[r0:r1] = z.gather(1, t[:, None]).squeeze(1)
         cap_grad = None if softcap is None else _cap_derivative(z, softcap)
         m = z.amax(1, keepdim=True)
@@ -331,11 +332,29 @@ def chunked_forward_backward(
         d[torch.arange(r1 - r0, device=d.device), t] -= 1
         if cap_grad is not None:
             d.mul_(cap_grad)
-        torch.mm(d, c, out=d_hidden[r0:r1])
-        d_weight.addmm_(d.T, e)
+        d_hidden[r0:r1].zero_()
+        for v0, v1 in pieces:
+            c = weight[v0:v1].to(acc)
+            d_hidden[r0:r1].addmm_(d[:, v0:v1], c)
+            d_weight[v0:v1].addmm_(d[:, v0:v1].T, e)
         if d_bias is not None:
             d_bias += d.sum(0)
     return lse, picked, d_hidden, d_weight, d_bias
+
+
+def _logits_by_pieces(e, weight, bias, pieces, softcap) -> torch.Tensor:
+    """Full-vocabulary logits of rows ``e`` filled piece by piece (only one converted weight piece alive)."""
+    z = torch.empty(e.shape[0], weight.shape[0], dtype=e.dtype, device=e.device)
+    for v0, v1 in pieces:
+        z[:, v0:v1] = _chunk_logits(e, weight, bias, v0, v1, softcap)
+    return z
+
+
+def _weight_pieces(vocab: int, same_dtype: bool) -> list[tuple[int, int]]:
+    """Vocabulary ranges the weight is read in: all at once when it is already in the accumulation dtype,
+    else pieces converted one at a time (a bf16 head is never copied whole to fp32)."""
+    step = vocab if same_dtype else max(1, CPU_CHUNK_ELEMENTS // 1024)
+    return [(v0, min(vocab, v0 + step)) for v0 in range(0, vocab, step)]
 
 
 def _cap_derivative(capped: torch.Tensor, softcap: float) -> torch.Tensor:
