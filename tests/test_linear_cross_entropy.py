@@ -88,9 +88,12 @@ def _use_triton(monkeypatch) -> None:
     """Route the op to the Triton kernels (interpreter on the CPU) with blocks the small shapes overhang."""
     from tokenpass.kernels import linear_cross_entropy as kernels
 
+    blocks = dict(block_b=64, block_v=128, block_d=64)
     monkeypatch.setattr(ops, "_uses_kernels", lambda hidden: True)
-    monkeypatch.setattr(kernels.lse_forward, "__defaults__", (None, None, 64, 128, 64))
-    monkeypatch.setattr(kernels.backward, "__defaults__", (None, None, None, None, True, 64, 128, 64))
+    monkeypatch.setattr(ops, "_lse_forward", lambda rows, weight, bias, softcap: kernels.lse_forward(
+        rows.hidden, weight, rows.targets, bias, softcap, **blocks))
+    monkeypatch.setattr(ops, "_backward", lambda rows, weight, bias, lse, g_nll, g_lse, softcap, eps: kernels.backward(
+        rows.hidden, weight, rows.targets, lse, g_nll, g_lse, bias, softcap, eps, **blocks))
 
 
 def _use_small_chunks(monkeypatch) -> None:
