@@ -12,6 +12,12 @@ Both dispatch to the Triton kernels on CUDA (``tokenpass/kernels/linear_cross_en
 chunked torch path elsewhere (``tokenpass/kernels/linear_cross_entropy_ref.py``). ``filter_eps`` here is
 a resolved threshold or None (exact); ``linear_cross_entropy`` below resolves ``"auto"`` per dtype.
 
+``tokenpass::linear_cross_entropy_fused`` (same arguments less ``filter_eps``, scalar reductions only)
+is the CPU's faster variant: it computes the gradients together with the loss (three matmuls per chunk
+instead of four) and its backward only scales them; ``linear_cross_entropy`` picks it on the CPU when a
+scalar loss will be differentiated. It runs the torch path on any device (the kernels' design, with
+its per-tile filtering, is the recomputing backward).
+
 Gradients are plain autograd gradients of the op's inputs, so a weight that is also the input
 embedding (tied heads) gets the sum of both uses' gradients from autograd's own accumulation.
 """
@@ -65,6 +71,7 @@ def _rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ign
 
 
 def _lse_forward(rows: Rows, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
+    """``(lse, target_logit)`` of the compacted rows: Triton on CUDA, the chunked torch path elsewhere."""
     if _uses_kernels(rows.hidden):
         from tokenpass.kernels.linear_cross_entropy import lse_forward
 
@@ -73,6 +80,7 @@ def _lse_forward(rows: Rows, weight: torch.Tensor, bias: torch.Tensor | None, so
 
 
 def _backward(rows: Rows, weight, bias, lse_rows, grad_nll, grad_lse, softcap, filter_eps):
+    """Accumulation-dtype ``(dE rows, dC, dbias)``: Triton on CUDA, the chunked torch path elsewhere."""
     if _uses_kernels(rows.hidden):
         from tokenpass.kernels.linear_cross_entropy import backward
 
