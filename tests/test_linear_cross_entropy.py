@@ -359,3 +359,30 @@ def test_chunked_path_equals_reference_on_random_shapes(rows, vocab, features, t
     fused = ref.chunked_forward_backward(rows_.hidden, weight, rows_.targets, b, softcap, token_chunk)
     for got, expected in zip(fused, (lse, picked, d_rows, d_w, d_b)):
         torch.testing.assert_close(got, expected)
+
+
+def test_equals_hf_loss_and_every_gradient_on_a_tiny_tied_llama():
+    """HF's own training loss (causal shift, -100 labels, mean) against the op on the model's final hidden
+    states, with the head tied to the embedding: the loss and every parameter's gradient agree."""
+    from conftest import hf_tiny
+
+    model = hf_tiny("llama", tie_word_embeddings=True).train()  # fp32: HF's loss upcasts logits to fp32 anyway
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 320, (2, 13), generator=g)
+    labels = ids.clone()
+    labels[1, :5] = IGNORE
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss_hf = model(input_ids=ids, labels=labels).loss
+    grads_hf = gradients(loss_hf)
+    hidden = model.model(input_ids=ids).last_hidden_state
+    loss_ours = linear_cross_entropy(hidden, model.lm_head.weight, labels, shift=1, filter_eps=None)
+    grads_ours = gradients(loss_ours)
+    torch.testing.assert_close(loss_ours, loss_hf, rtol=0, atol=1e-5)
+    for name, grad in grads_hf.items():
+        torch.testing.assert_close(grads_ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
