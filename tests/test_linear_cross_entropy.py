@@ -386,3 +386,41 @@ def test_equals_hf_loss_and_every_gradient_on_a_tiny_tied_llama():
     torch.testing.assert_close(loss_ours, loss_hf, rtol=0, atol=1e-5)
     for name, grad in grads_hf.items():
         torch.testing.assert_close(grads_ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tokenpass.kernels import linear_cross_entropy as K
+
+def compile(fn, types, consts):
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+
+for dt in ("fp32", "bf16"):
+    common = dict(E="*" + dt, C="*" + dt, BIAS="*" + dt, TARGETS="*i64", softcap="fp32")
+    compile(K._lse_forward_kernel, dict(common, M_OUT="*fp32", S_OUT="*fp32", Z_OUT="*fp32"),
+            dict(HAS_BIAS=True, SOFTCAP=True, IEEE=dt == "fp32", BLOCK_B=64, BLOCK_V=128, BLOCK_D=64))
+    compile(K._backward_kernel, dict(common, LSE="*fp32", G_NLL="*fp32", G_LSE="*fp32", ORDER="*i64", D_E="*fp32",
+                                     D_C="*fp32", D_BIAS="*fp32", filter_eps="fp32"),
+            dict(HAS_BIAS=True, HAS_G_LSE=True, HAS_ORDER=True, SOFTCAP=True, FILTER=True, IEEE=dt == "fp32",
+                 BLOCK_B=64, BLOCK_V=64, BLOCK_D=64, GROUP_B=8))
+"""
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter does not type-check like the compiler does (e.g. the filter's data-dependent ``if``):
+    compile both kernels for sm_90, fp32 and bf16, with every option on, in a process without the
+    interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if "No module named 'triton.backends.nvidia'" in done.stderr:
+        pytest.skip("this triton has no CUDA backend")
+    assert done.returncode == 0, done.stderr[-2000:]
