@@ -14,6 +14,9 @@ et al. 2024). Three layers here, all plain torch:
   from the same chunk as the LSE (so ``lse - z_target >= 0`` up to rounding, never a negative loss);
   the backward recomputes each chunk, forms ``d = g_nll * (softmax - onehot) + g_lse * softmax`` and
   accumulates ``dE += d @ C``, ``dC += d^T @ E``, ``dbias += sum(d)``, all in fp32.
+- ``chunked_forward_backward``: the one-pass variant for scalar losses (loss and unit-gradient
+  ``dE, dC, dbias`` together, chunks of whole-vocabulary rows): three matmuls per chunk instead of
+  four, the CPU's default for training.
 
 Optional final-logit soft-capping (Gemma 2: ``z = s * tanh(z_raw / s)``) is applied after the bias; its
 chain rule is ``dz_raw = dz * (1 - (z / s)^2)``. The returned per-row LSE is differentiable, which is
@@ -32,8 +35,8 @@ import torch
 
 REDUCTIONS = ("none", "sum", "mean")
 
-# Default CPU chunk: tokens x vocabulary fp32 elements per logits chunk (16 MiB). The backward holds
-# about three such chunks (logits, probabilities, their product with the cap's derivative).
+# Default CPU chunk: tokens x vocabulary fp32 elements per logits chunk (16 MiB). Exponentials are taken
+# in place, so one such chunk is alive at a time (two with a soft-cap: its derivative).
 CPU_CHUNK_ELEMENTS = 1 << 22
 CPU_TOKEN_CHUNK = 1024
 
