@@ -100,6 +100,7 @@ def _use_small_chunks(monkeypatch) -> None:
     """Several token and vocabulary chunks on the CPU path even on these small shapes."""
     monkeypatch.setattr(ref, "CPU_TOKEN_CHUNK", 100)
     monkeypatch.setattr(ref, "CPU_CHUNK_ELEMENTS", 100 * 150)  # the fused op: 29 rows of 507
+    monkeypatch.setattr(ref, "FUSED_MIN_ROWS", 1)  # ... which it still takes for scalar losses
 
 
 @pytest.fixture(params=["chunked", "triton"])
@@ -258,13 +259,14 @@ class _LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_cpu_path_never_holds_tokens_by_vocabulary(fused):
+def test_cpu_path_never_holds_tokens_by_vocabulary(monkeypatch, fused):
+    monkeypatch.setattr(ref, "CPU_CHUNK_ELEMENTS", 1 << 20)  # the mechanism, at a sixteenth of the logits
     rows, vocab, features = 2048, 8192, 32
     hidden, weight, targets, b = _inputs(rows, vocab, features, torch.float32, True, ignore_fraction=0.1)
     h, w, bb = hidden.float().requires_grad_(), weight.float().requires_grad_(), b.float().requires_grad_()
     with _LargestTensor() as mode:
         linear_cross_entropy(h, w, targets, bb, softcap=30.0, fused=fused).backward()
-    assert mode.largest <= ref.CPU_CHUNK_ELEMENTS and 4 * ref.CPU_CHUNK_ELEMENTS <= rows * vocab
+    assert mode.largest <= ref.CPU_CHUNK_ELEMENTS
 
 
 def test_tied_embedding_gets_both_gradients():
@@ -424,3 +426,16 @@ def test_kernels_compile_for_a_gpu_without_one():
     if "No module named 'triton.backends.nvidia'" in done.stderr:
         pytest.skip("this triton has no CUDA backend")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_wrapper_takes_the_fused_op_only_where_it_pays_off():
+    """CPU, a scalar loss under autograd, and whole-vocabulary chunks tall enough (SmolLM2's head, not
+    Gemma's): otherwise the recomputing op."""
+    hidden = torch.zeros(4, 8, requires_grad=True)
+    smollm2, gemma = torch.zeros(49152, 8), torch.zeros(256000, 8)
+    assert ops._wants_fused(hidden, smollm2, None, "mean")
+    assert not ops._wants_fused(hidden, gemma, None, "mean")
+    assert not ops._wants_fused(hidden, smollm2, None, "none")
+    assert not ops._wants_fused(hidden.detach(), smollm2, None, "sum")
+    with torch.no_grad():
+        assert not ops._wants_fused(hidden, smollm2, None, "sum")

@@ -35,10 +35,11 @@ import torch
 
 REDUCTIONS = ("none", "sum", "mean")
 
-# Default CPU chunk: tokens x vocabulary fp32 elements per logits chunk (16 MiB). Exponentials are taken
+# Default CPU chunk: tokens x vocabulary fp32 elements per logits chunk (32 MiB). Exponentials are taken
 # in place, so one such chunk is alive at a time (two with a soft-cap: its derivative).
-CPU_CHUNK_ELEMENTS = 1 << 22
+CPU_CHUNK_ELEMENTS = 1 << 23
 CPU_TOKEN_CHUNK = 1024
+FUSED_MIN_ROWS = 128  # see fused_pays_off
 
 CPU_MEASUREMENT = "filled in after measuring; see the commit message"
 
@@ -287,6 +288,16 @@ def chunked_backward(
             if d_bias is not None:
                 d_bias[v0:v1] += d.sum(0)
     return d_hidden, d_weight, d_bias
+
+
+def fused_pays_off(vocab: int) -> bool:
+    """Whether ``chunked_forward_backward`` beats the recomputing path for this vocabulary on the CPU.
+
+    Each of its chunks rewrites all of ``dC`` (a rank-``rows`` update), so with few rows per chunk that
+    memory traffic costs more than the matmul it saves: it needs ``FUSED_MIN_ROWS`` rows of the whole
+    vocabulary within ``CPU_CHUNK_ELEMENTS`` (SmolLM2's 49152 fits; Gemma's 256000 does not).
+    """
+    return CPU_CHUNK_ELEMENTS // max(vocab, 1) >= FUSED_MIN_ROWS
 
 
 def fused_token_chunk(rows: int, vocab: int, token_chunk: int | None = None) -> int:

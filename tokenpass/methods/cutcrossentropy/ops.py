@@ -223,9 +223,11 @@ linear_cross_entropy_fused_overload = torch.ops.tokenpass.linear_cross_entropy_f
 
 
 def _wants_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reduction: str) -> bool:
-    """The one-pass op: on the CPU, for a scalar loss whose gradients will be asked for."""
+    """The one-pass op: on the CPU, for a scalar loss whose gradients will be asked for, where its
+    whole-vocabulary chunks are tall enough to pay off (``ref.fused_pays_off``)."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return needs_grad and reduction != "none" and not _uses_kernels(hidden)
+    return (needs_grad and reduction != "none" and not _uses_kernels(hidden)
+            and ref.fused_pays_off(weight.shape[0]))
 
 
 def linear_cross_entropy(
