@@ -312,6 +312,8 @@ def chunked_forward_backward(
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
     token_chunk: int | None = None,
+    scatter_index: torch.Tensor | None = None,
+    scatter_rows_total: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(lse, target_logit, dE, dC, dbias)`` for a unit gradient on every row's nll, in one pass.
 
@@ -321,12 +323,18 @@ def chunked_forward_backward(
     ``softmax - onehot``), so they are only ``token_chunk`` rows tall; each chunk also rewrites all of
     ``dC``, which is why this wins on the CPU (memory traffic is cheap next to a saved matmul) and is not
     the GPU's design.
+
+    With ``scatter_index`` (the compacted rows' positions, ``Rows.index``) ``dE`` is returned already
+    scattered into ``[scatter_rows_total, D]`` (zeros at ignored rows), chunk by chunk: no second
+    ``[R, D]`` buffer beside the batch-shaped one.
     """
     count, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     lse = torch.empty(count, dtype=acc, device=hidden.device)
     picked = torch.empty(count, dtype=acc, device=hidden.device)
-    d_hidden = torch.empty(count, hidden.shape[1], dtype=acc, device=hidden.device)
+    scatter = scatter_index is not None
+    d_hidden = torch.zeros(scatter_rows_total, hidden.shape[1], dtype=acc, device=hidden.device) if scatter \
+        else torch.empty(count, hidden.shape[1], dtype=acc, device=hidden.device)
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     d_bias = None if bias is None else torch.zeros(vocab, dtype=acc, device=weight.device)
     pieces = _weight_pieces(vocab, weight.dtype == acc)
@@ -346,13 +354,17 @@ def chunked_forward_backward(
         d[torch.arange(r1 - r0, device=d.device), t] -= 1
         if cap_grad is not None:
             d.mul_(cap_grad)
-        d_hidden[r0:r1].zero_()
+        d_e = torch.zeros(r1 - r0, hidden.shape[1], dtype=acc, device=hidden.device)
         for v0, v1 in pieces:
             c = weight[v0:v1].to(acc)
-            d_hidden[r0:r1].addmm_(d[:, v0:v1], c)
+            d_e.addmm_(d[:, v0:v1], c)
             d_weight[v0:v1].addmm_(d[:, v0:v1].T, e)
         if d_bias is not None:
             d_bias += d.sum(0)
+        if scatter:
+            d_hidden.index_copy_(0, scatter_index[r0:r1], d_e)
+        else:
+            d_hidden[r0:r1] = d_e
     return lse, picked, d_hidden, d_weight, d_bias
 
 

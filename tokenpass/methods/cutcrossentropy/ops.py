@@ -24,6 +24,7 @@ embedding (tied heads) gets the sum of both uses' gradients from autograd's own 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, TypeVar
 
 import torch
@@ -174,17 +175,17 @@ def linear_cross_entropy_fused_op(hidden, weight, targets, bias=None, ignore_ind
         raise TokenpassError("linear_cross_entropy_fused: reduction must be 'sum' or 'mean' (per-row losses need "
                              "per-row gradients: use tokenpass::linear_cross_entropy)")
     rows = _rows(hidden, weight, targets, ignore_index, shift)
-    lse, target_logit, d_rows, d_weight, d_bias = ref.chunked_forward_backward(rows.hidden, weight, rows.targets, bias,
-                                                                              softcap)
+    lse, target_logit, d_hidden, d_weight, d_bias = ref.chunked_forward_backward(
+        rows.hidden, weight, rows.targets, bias, softcap, scatter_index=rows.index,
+        scatter_rows_total=math.prod(rows.batch_shape))
     dtype = _loss_dtype(hidden)
     if reduction == "mean":  # fold 1 / count in now: the backward then needs no row count
-        for grad in (d_rows, d_weight, d_bias):
+        for grad in (d_hidden, d_weight, d_bias):
             if grad is not None:
                 grad.div_(rows.index.shape[0])
     loss = ref.reduce_rows((lse - target_logit).to(dtype), rows, reduction)
-    d_hidden = ref.scatter_rows(d_rows, rows).view(hidden.shape)
     d_bias = d_weight.new_empty(0) if d_bias is None else d_bias
-    return loss, ref.scatter_rows(lse.to(dtype), rows), d_hidden, d_weight, d_bias
+    return loss, ref.scatter_rows(lse.to(dtype), rows), d_hidden.view(hidden.shape), d_weight, d_bias
 
 
 @torch.library.register_fake(LINEAR_CROSS_ENTROPY_FUSED)
