@@ -304,7 +304,8 @@ def test_the_op_passes_opcheck():
     hidden, weight, targets, b = _inputs(10, 40, 8, torch.float32, True)
     h, w, bb = hidden.float().requires_grad_(), weight.float().requires_grad_(), b.float().requires_grad_()
     for reduction in ("mean", "none"):
-        torch.library.opcheck(ops.linear_cross_entropy_op_overload, (h, w, targets, bb, IGNORE, 2.0, reduction, 1, None))
+        args = (h, w, targets, bb, IGNORE, 2.0, reduction, 1, None)
+        torch.library.opcheck(ops.linear_cross_entropy_op_overload, args)
     torch.library.opcheck(ops.linear_cross_entropy_fused_overload, (h, w, targets, bb, IGNORE, 2.0, "sum", 1),
                           test_utils=("test_schema", "test_faketensor"))
 

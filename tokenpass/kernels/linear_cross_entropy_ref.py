@@ -221,7 +221,8 @@ def chunked_lse_forward(
     token_chunk: int | None = None,
     vocab_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse, target_logit)``, ``[R]`` in the accumulation dtype, over compacted rows ``hidden`` ``[R, D]`` without ``R x V``.
+    """``(lse, target_logit)``, ``[R]`` in the accumulation dtype, over compacted rows ``hidden`` ``[R, D]``,
+    never holding ``R x V``.
 
     Online log-sum-exp across vocabulary chunks: running max ``m`` and ``s = sum exp(z - m)``, rescaled
     when the max grows. The target logit comes from the same capped fp32 chunk as the LSE.
