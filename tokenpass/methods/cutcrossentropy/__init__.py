@@ -1,0 +1,13 @@
+"""Cut Cross-Entropy (Wijmans et al. 2024): the LM head and the loss fused, so training never holds the
+``[tokens, vocab]`` logits.
+
+Files: ``ops.py`` (the registered op ``tokenpass::linear_cross_entropy`` with its fake implementation and
+autograd, dispatching to the Triton kernels on CUDA and the chunked torch path elsewhere); kernels live
+beside their references in ``tokenpass/kernels/`` (``linear_cross_entropy.py``,
+``linear_cross_entropy_ref.py``). Importing this package registers the ops.
+"""
+
+from tokenpass.methods.cutcrossentropy import ops  # noqa: F401 - registration
+from tokenpass.methods.cutcrossentropy.ops import linear_cross_entropy
+
+__all__ = ["linear_cross_entropy"]
