@@ -210,8 +210,8 @@ def test_spec_takes_the_cache_dtype_and_device():
     assert model_device(torch.nn.Identity()) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family,dtype", [("llama", torch.bfloat16), ("qwen2", torch.float16)],
+                         ids=["llama-bf16", "qwen2-fp16"])  # each family and each dtype once: the suite's budget
 def test_reduced_precision_generate_equals_hf(family, dtype):
     """Left-padded batch (masked decode, as HF packs GQA groups) and one unpadded row (unmasked decode, as
     HF's ``enable_gqa`` runs it): HF's greedy tokens for 32 steps, prefill logits bit for bit."""
