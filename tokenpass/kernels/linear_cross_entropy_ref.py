@@ -43,6 +43,8 @@ from typing import NamedTuple
 
 import torch
 
+from tokenpass.kernels.cache_attention_ref import soft_cap  # the same cap as attention scores (Gemma 2 logits)
+
 REDUCTIONS = ("none", "sum", "mean")
 
 # Default CPU chunk: tokens x vocabulary fp32 elements per logits chunk (32 MiB). Exponentials are taken
@@ -147,11 +149,6 @@ def row_loss_grad(grad_loss: torch.Tensor, rows: Rows, reduction: str) -> torch.
         return grad_loss.reshape(-1).index_select(0, rows.index).to(acc)
     scale = grad_loss.to(acc) / (count if reduction == "mean" else 1)
     return scale.expand(count)
-
-
-def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """``softcap * tanh(logits / softcap)``; None: as is."""
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def linear_cross_entropy_reference(
