@@ -28,20 +28,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import tokenpass
-from tokenpass.models import REAL_SHAPES, load_tokenizer, random_model
+from tokenpass.models import REAL_SHAPES
 from tokenpass.runtime.compiled import CompileReport
 from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.model import OptimizedModel
-from tokenpass.texts import read_text, token_ids
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime import load_model, prompt_ids  # noqa: E402 - one way to load a model for timing
 
 STEP = "tokenpass.decode_step"
 GEMV_OPS = {"aten::linear", "aten::mm", "aten::addmm", "aten::matmul", "mkldnn::_linear_pointwise",
@@ -173,12 +177,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype, total = getattr(torch, args.dtype), args.context + args.warmup + args.rounds * args.steps + args.profile_steps
-    if args.model == "smollm2":
-        model = tokenpass.load("smollm2", dtype=dtype).to(args.device)
-        ids = torch.tensor(token_ids(load_tokenizer("smollm2"), read_text(), total))[None]
-    else:  # random weights: the speed of a real shape, nothing about quality
-        model = random_model(args.model.removesuffix("-random"), dtype=dtype, device=args.device)
-        ids = torch.randint(0, model.config.vocab_size, (1, total), generator=torch.Generator().manual_seed(0))
+    model = load_model(args.model, dtype, args.device)
+    ids = torch.tensor(prompt_ids(args.model, model.config.vocab_size, total))[None]
     steppers = []
     for config in args.configs:
         eager = tokenpass.optimize(model, passes=[] if config == "dense" else [config])
