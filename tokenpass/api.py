@@ -10,6 +10,7 @@ from torch import nn
 
 from tokenpass.errors import PassError, TokenpassError
 from tokenpass.ir.capture import PHASES, export_phase, model_name, probe
+from tokenpass.ir.capture_train import TRAIN, export_train
 from tokenpass.ir.graph import CAPTURED_PROPERTIES, TokenGraph
 from tokenpass.passes import Pass, PassManager, PassResult
 from tokenpass.passes.registry import make_pass
@@ -21,15 +22,23 @@ class TokenpassWarning(UserWarning):
     """A pass that could not apply; the model still runs exactly, without it."""
 
 
+ALL_PHASES: tuple[str, ...] = (*PHASES, TRAIN)
+
+
 def capture(
-    model: nn.Module, phases: Sequence[str] = PHASES, name: str | None = None, passes: Sequence[Pass] = ()
+    model: nn.Module, phases: Sequence[str] | None = None, name: str | None = None, passes: Sequence[Pass] = ()
 ) -> dict[str, TokenGraph]:
-    """Export ``model``'s prefill and decode steps as ``TokenGraph``s (the model itself is not modified,
-    its training flag included).
+    """Export ``model``'s steps as ``TokenGraph``s (the model itself is not modified, its training flag
+    included): ``prefill`` and ``decode`` always unless ``phases`` says otherwise, and the ``train`` step
+    (the forward with labels) when a pass targets it.
 
     ``passes`` are checked against the model's shape (``Pass.check_model``) between the cheap probe and
     the slow export, so an option the model rules out fails in seconds.
     """
+    phases = default_phases(passes) if phases is None else tuple(phases)
+    unknown = [phase for phase in phases if phase not in ALL_PHASES]
+    if unknown:
+        raise TokenpassError(f"unknown phase {unknown[0]!r}: choose from {', '.join(ALL_PHASES)}")
     name = name or model_name(model)
     with status(f"probing {name}"):
         spec = probe(model, name)
@@ -38,8 +47,14 @@ def capture(
     graphs = {}
     for phase in phases:
         with status(f"exporting {name} {phase} step with torch.export"):
-            graphs[phase] = TokenGraph(export_phase(model, spec, phase), phase, spec)
+            program = export_train(model, spec) if phase == TRAIN else export_phase(model, spec, phase)
+            graphs[phase] = TokenGraph(program, phase, spec)
     return graphs
+
+
+def default_phases(passes: Sequence[Pass]) -> tuple[str, ...]:
+    """The inference steps, and the training step when some pass rewrites it."""
+    return (*PHASES, TRAIN) if any(TRAIN in p.phases for p in passes) else PHASES
 
 
 LOWER_FIRST = ["canonicalize_attention", "lower_kv_cache"]
@@ -92,9 +107,15 @@ def optimize(
     name: str | None = None,
     lower: bool = True,
     compile: bool = False,
+    phases: Sequence[str] | None = None,
 ) -> OptimizedModel:
     """Capture ``model``, run ``passes`` (names, ``Pass`` objects or classes) on each phase's graph, return a
     runnable model.
+
+    ``phases``: the steps to capture (default: ``prefill`` and ``decode``, plus ``train`` when a pass such
+    as ``CutCrossEntropy`` rewrites the training step; ``phases=["train"]`` skips the inference steps).
+    A model with a ``train`` graph trains in a plain loop: ``model(input_ids, labels=labels).loss.backward()``
+    fills the original parameters' gradients.
 
     ``lower=True`` (the default) runs the passes on graphs lowered onto the runtime's KV cache; ``lower=False``
     runs exactly ``passes`` on the captured graphs. With ``verify=True`` every exact pass is checked for
@@ -106,8 +127,8 @@ def optimize(
     graph raises ``PassError`` with its reason.
     """
     requested, _ = plan(passes, lower, verify)
-    return optimize_graphs(capture(model, name=name, passes=requested), requested, verify=verify, lower=lower,
-                           compile=compile)
+    return optimize_graphs(capture(model, phases=phases, name=name, passes=requested), requested, verify=verify,
+                           lower=lower, compile=compile)
 
 
 def optimize_graphs(
@@ -139,7 +160,11 @@ def fork(graphs: dict[str, TokenGraph]) -> dict[str, TokenGraph]:
 def check_requested(requested: list[Pass], reports: dict[str, list[PassResult]]) -> None:
     """Raise if a pass the caller named did its job on no graph it targets (naming the first reason)."""
     for p in requested:
-        results = [r for rs in reports.values() for r in rs if r.pass_name == p.name and not r.phase_skipped]
+        ran = [r for rs in reports.values() for r in rs if r.pass_name == p.name]
+        if ran and all(r.phase_skipped for r in ran):
+            raise PassError(f"pass '{p.name}' rewrites the {'/'.join(p.phases)} step, which was not captured "
+                            f"(captured: {', '.join(reports)})")
+        results = [r for r in ran if not r.phase_skipped]
         failures = [f"{r.graph.label}: {r.failure()}" for r in results if r.failure()]
         if results and len(failures) == len(results):
             raise PassError(f"pass '{p.name}' could not apply: {failures[0]}")

@@ -9,10 +9,12 @@ import torch
 import tokenpass.runtime.ops  # noqa: F401 - implements the core runtime ops the lowered graphs call
 from tokenpass.errors import TokenpassError
 from tokenpass.ir.capture import ModelSpec
+from tokenpass.ir.capture_train import TRAIN
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.ir.requests import merge_slot_states
 from tokenpass.runtime.context import using_cache
 from tokenpass.runtime.kv_cache import KVCache
+from tokenpass.runtime.training import TrainStep
 
 
 def new_cache(graphs: Mapping[str, TokenGraph], batch: int, capacity: int = 64, budget: int | None = None) -> KVCache:
@@ -66,10 +68,16 @@ def run_step(
 def run_captured(graph: TokenGraph, inputs: tuple) -> tuple:
     """Run ``graph`` on the captured step's inputs and return the captured step's outputs.
 
+    The training step runs without autograd here (verification compares values, not gradients).
+
     Graphs whose attention reads the runtime cache run through a fresh cache loaded with the past
     tensors, the cache contents after the step standing in for the ``present`` outputs (past ++ new);
     others run as they are. This is how exact passes are verified, lowering included.
     """
+    if graph.phase == TRAIN:  # (input_ids, attention_mask, labels) -> (loss, logits or None)
+        with torch.no_grad():
+            out = TrainStep(graph)(*inputs)
+        return out.loss, out.logits
     if not graph.reads_runtime_cache():
         return graph(*inputs)
     input_ids, attention_mask, position_ids, past_keys, past_values = inputs
