@@ -4,14 +4,18 @@ from tokenpass import methods, passes  # noqa: F401 - registers built-in and met
 from tokenpass.api import TokenpassWarning, capture, optimize
 from tokenpass.errors import CaptureError, PassError, PassOrderError, TokenpassError
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.methods.cutcrossentropy import CutCrossEntropy
+from tokenpass.methods.tidaldecode import TidalDecode
 from tokenpass.models import load, tiny
 
 __all__ = [
     "CaptureError",
+    "CutCrossEntropy",
     "PassError",
     "PassOrderError",
     "TokenGraph",
     "TokenpassError",
+    "TidalDecode",
     "TokenpassWarning",
     "capture",
     "load",
