@@ -95,6 +95,7 @@ class Format(str, Enum):
 class Phase(str, Enum):
     decode = "decode"
     prefill = "prefill"
+    train = "train"  # the forward with labels (training passes: cutcrossentropy)
 
 
 def _split(passes: str | None) -> list[str]:

@@ -115,7 +115,7 @@ class CutCrossEntropy(Pass):
             loss = g.call_function(operator.getitem, (call, 0))
         loss.meta.update({key: match.loss.meta[key] for key in ("val", "nn_module_stack", "stack_trace")
                           if key in match.loss.meta})
-        for node in (call, loss):
+        for node in (*replayed(rows, match.hidden), call, loss):
             node.meta["tokenpass"] = {"pass": self.name, "replaces": match.loss.name}
         match.loss.replace_all_uses_with(loss)
         drop_outputs(graph, match.logit_outputs)
@@ -128,6 +128,15 @@ class CutCrossEntropy(Pass):
         device = graph.spec.device if graph.spec is not None else torch.device("cpu")
         vocab = match.weight.meta["val"].shape[0]
         return device.type == "cpu" and match.reduction != "none" and fused_pays_off(vocab)
+
+
+def replayed(rows: fx.Node, hidden: fx.Node) -> list[fx.Node]:
+    """The row ops ``replay_rows`` put between ``hidden`` and ``rows``."""
+    nodes = []
+    while rows is not hidden:
+        nodes.append(rows)
+        rows = rows.args[0]
+    return nodes
 
 
 def drop_outputs(graph: TokenGraph, nodes: list[fx.Node]) -> None:
