@@ -14,7 +14,9 @@ import tokenpass
 from tokenpass.models import TINY_FAMILIES
 from tokenpass.runtime.generate import positions_from_mask
 
-torch.set_num_threads(2)
+# The suite runs on 2 pytest-xdist workers (README's test command): one thread each, so the workers
+# never fight over the cores (two 2-thread workers on 2 cores thrash). Alone, a run uses every core.
+torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(scope="session")
