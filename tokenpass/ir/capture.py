@@ -120,12 +120,17 @@ def check_causal_lm(model: nn.Module) -> None:
         )
 
 
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Run ``model`` in eval mode (dropout off, as inference sees it); see ``module_mode``."""
+    return module_mode(model, training=False)
+
+
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode (dropout off, as inference sees it) and give every submodule back its
-    own ``training`` flag afterwards: capturing a model must not change the caller's module."""
+def module_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Run ``model`` in train or eval mode and give every submodule back its own ``training`` flag
+    afterwards: capturing a model must not change the caller's module."""
     flags = [(module, module.training) for module in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:

@@ -14,15 +14,12 @@ optimizer over them trains the original model.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
 
 from tokenpass.errors import CaptureError
-from tokenpass.ir.capture import ModelSpec, _first_line
+from tokenpass.ir.capture import ModelSpec, _first_line, module_mode
 
 TRAIN = "train"
 TRAIN_ARGS: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
@@ -39,18 +36,6 @@ class CausalLMTrainStep(nn.Module):
     def forward(self, input_ids, attention_mask, labels):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
         return out.loss, out.logits
-
-
-@contextlib.contextmanager
-def train_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in train mode and give every submodule back its own ``training`` flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.train()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def train_sample_inputs(spec: ModelSpec, batch: int = 2, tokens: int = 7) -> tuple[torch.Tensor, ...]:
@@ -70,7 +55,7 @@ def export_train(model: nn.Module, spec: ModelSpec) -> torch.export.ExportedProg
     shapes = {name: {0: dyn, 1: dyn} for name in TRAIN_ARGS}
     step = CausalLMTrainStep(model)
     try:
-        with train_mode(model), fx_config.patch(backed_size_oblivious=True):
+        with module_mode(model, training=True), fx_config.patch(backed_size_oblivious=True):
             program = torch.export.export(step, train_sample_inputs(spec), dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types; the user needs one line
         raise CaptureError(f"cannot capture {spec.name} (train step with labels) with torch.export: "
