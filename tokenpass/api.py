@@ -53,8 +53,9 @@ def capture(
 
 
 def default_phases(passes: Sequence[Pass]) -> tuple[str, ...]:
-    """The inference steps, and the training step when some pass rewrites it."""
-    return (*PHASES, TRAIN) if any(TRAIN in p.phases for p in passes) else PHASES
+    """The inference steps, and the training step when some pass rewrites nothing else. A pass that
+    rewrites inference and training alike (SkipDecode) gets the train step when the caller names it."""
+    return (*PHASES, TRAIN) if any(tuple(p.phases) == (TRAIN,) for p in passes) else PHASES
 
 
 LOWER_FIRST = ["canonicalize_attention", "lower_kv_cache"]
@@ -63,10 +64,12 @@ CLEAN_UP = ["eliminate_noops", "dce", "select_logit_rows"]
 
 def pipeline(passes: Sequence[Pass], lower: bool) -> list["str | Pass"]:
     """The full pass list: attention canonicalised and moved onto the runtime cache, the user's passes
-    (which rewrite those runtime ops), then clean-up. Every added pass is idempotent, so listing them
-    explicitly as well does no harm.
+    (which rewrite those runtime ops; those that gate whole layers last, as later rewrites cannot see into
+    the gated blocks), then clean-up. Every added pass is idempotent, so listing them explicitly as well
+    does no harm.
     """
-    return [*LOWER_FIRST, *passes, *CLEAN_UP] if lower else list(passes)
+    ordered = [p for p in passes if not p.runs_last] + [p for p in passes if p.runs_last]
+    return [*LOWER_FIRST, *ordered, *CLEAN_UP] if lower else ordered
 
 
 def plan(passes: "Sequence[str | Pass | type[Pass]]", lower: bool = True, verify: bool = False

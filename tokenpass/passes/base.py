@@ -109,6 +109,9 @@ class Pass(ABC):
     provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     phases: ClassVar[tuple[str, ...]] = PHASES
+    # A pass that restructures the graph into control flow (layer blocks behind a run-time gate) hides
+    # the nodes it moved from later rewrites; the pipeline runs such passes after the other method passes.
+    runs_last: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         """Dataclass passes: option types checked at construction, then the pass's own ``validate``."""

@@ -102,6 +102,10 @@ class KVCache:
         self.step_valid: torch.Tensor | None = None  # [B, T] False for left padding
         self.all_valid = True  # no padding and no eviction so far: attention needs no mask in decode
         self.bytes_read = 0  # cache bytes the attention ops have read (their own accounting, all steps)
+        # Plain per-session values a method's policy and ops share (where the prompt ended, which layers
+        # ran at the last step): the cache is the one per-session object both reach. Keys are prefixed
+        # with the method's name; the cache never reads them.
+        self.notes: dict[str, object] = {}
 
     def _states_of(self, layer: int) -> tuple[SlotState, ...]:
         return tuple(spec for spec in self.slot_states.values() if layer in spec.layers)
