@@ -5,6 +5,7 @@ from tokenpass.api import TokenpassWarning, capture, optimize
 from tokenpass.errors import CaptureError, PassError, PassOrderError, TokenpassError
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.methods.cutcrossentropy import CutCrossEntropy
+from tokenpass.methods.skipdecode import SkipDecode
 from tokenpass.methods.tidaldecode import TidalDecode
 from tokenpass.models import load, tiny
 
@@ -13,6 +14,7 @@ __all__ = [
     "CutCrossEntropy",
     "PassError",
     "PassOrderError",
+    "SkipDecode",
     "TokenGraph",
     "TokenpassError",
     "TidalDecode",

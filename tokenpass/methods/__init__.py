@@ -3,4 +3,4 @@
 See docs/writing-a-method.md for what a method adds, file by file.
 """
 
-from tokenpass.methods import cutcrossentropy, tidaldecode  # noqa: F401 - registration
+from tokenpass.methods import cutcrossentropy, skipdecode, tidaldecode  # noqa: F401 - registration
