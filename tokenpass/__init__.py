@@ -3,6 +3,7 @@
 from tokenpass import methods, passes  # noqa: F401 - registers built-in and method passes
 from tokenpass.api import TokenpassWarning, capture, optimize
 from tokenpass.errors import CaptureError, PassError, PassOrderError, TokenpassError
+from tokenpass.finetune import finetune
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.methods.cutcrossentropy import CutCrossEntropy
 from tokenpass.methods.skipdecode import SkipDecode
@@ -20,6 +21,7 @@ __all__ = [
     "TidalDecode",
     "TokenpassWarning",
     "capture",
+    "finetune",
     "load",
     "optimize",
     "tiny",

@@ -108,13 +108,25 @@ def _progress(description: str):
     return progress
 
 
+def finetuned_dir(name: str) -> Path:
+    """Where ``tokenpass.finetune(..., save=name)`` keeps a model and ``load(name)`` finds it."""
+    return cache_dir() / "finetuned" / name
+
+
 def load(name: str = SMOLLM2, dtype: torch.dtype = torch.float32):
-    """Load a named model (``smollm2`` or a tiny family) in eval mode."""
+    """Load a model in eval mode: ``smollm2``, a tiny family, a name ``tokenpass.finetune`` saved under, or a
+    directory holding a saved Hugging Face model."""
+    from transformers import AutoModelForCausalLM
+
     if name in TINY_FAMILIES:
         return tiny(name)
+    saved = Path(name) if Path(name).is_dir() else finetuned_dir(name)
+    if (saved / "config.json").is_file():
+        with _progress(f"loading {saved}"):
+            return AutoModelForCausalLM.from_pretrained(saved, dtype=dtype).eval()
     if name != SMOLLM2:
-        raise TokenpassError(f"unknown model '{name}': choose {SMOLLM2} or a tiny family {TINY_FAMILIES}")
-    from transformers import AutoModelForCausalLM
+        raise TokenpassError(f"unknown model '{name}': choose {SMOLLM2}, a tiny family {TINY_FAMILIES}, a name "
+                             f"tokenpass.finetune saved under or a saved model's directory")
 
     target = cache_dir() / f"smollm2-135m-instruct-{_CACHE_VERSION}"
     if not (target / "config.json").is_file():

@@ -52,3 +52,14 @@ def token_ids(tokenizer, text: str, needed: int) -> list[int]:
     if len(ids) < needed:
         raise TokenpassError(f"the text has {len(ids)} tokens, fewer than the {needed} needed; give a longer --text")
     return ids[:needed]
+
+
+def finetune_text() -> str:
+    """English prose for fine-tuning that is not the default (evaluation) corpus: CPython's pydoc topics
+    (the language reference's sections, about 110k SmolLM2 tokens), shipped with every CPython."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions split pydoc_data out
+        raise TokenpassError("no fine-tuning text found (pydoc_data is missing from this Python); pass your own "
+                             "token ids") from None
+    return "\n\n".join(topics[key] for key in sorted(topics))

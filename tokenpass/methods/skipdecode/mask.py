@@ -30,7 +30,8 @@ def mask_blocks(graph: TokenGraph, blocks: list[LayerBlock], schedule_args: tupl
     """Insert the per-position select after each block's residual output; returns the select nodes."""
     g = graph.graph
     input_ids = next(n for n in g.nodes if n.op == "placeholder" and n.name == graph.program.graph_signature.user_inputs[0])
-    selects = []
+    selects: list[fx.Node] = []
+    masked: dict[fx.Node, fx.Node] = {}  # a masked layer's output -> its select (the next layer's input)
     for block in blocks:
         out = block.residual_out
         readers = [u for u in out.users if u not in set(block.nodes)]
@@ -39,7 +40,7 @@ def mask_blocks(graph: TokenGraph, blocks: list[LayerBlock], schedule_args: tupl
         with g.inserting_after(runs):
             column = g.call_function(aten.view.default, (runs, [1, -1, 1]))
         with g.inserting_after(column):
-            select = g.call_function(aten.where.self, (column, out, block.residual_in))
+            select = g.call_function(aten.where.self, (column, out, masked.get(block.residual_in, block.residual_in)))
         val = out.meta["val"]
         runs.meta["val"] = val.new_empty((val.shape[1],), dtype=torch.bool)
         column.meta["val"] = val.new_empty((1, val.shape[1], 1), dtype=torch.bool)
@@ -49,5 +50,6 @@ def mask_blocks(graph: TokenGraph, blocks: list[LayerBlock], schedule_args: tupl
             node.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})
         for reader in readers:
             reader.replace_input_with(out, select)
+        masked[out] = select
         selects.append(select)
     return selects
