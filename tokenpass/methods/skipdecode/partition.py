@@ -88,11 +88,12 @@ def cut_blocks(graph: fx.Graph, modules: dict[str, int], wanted: list[int]) -> l
     for index in sorted(wanted):
         if index not in members:
             raise NoBlock(Miss(f"layer {index}", "block", "no node of the graph belongs to this layer's module"))
-        blocks.append(_cut(graph, index, paths[index], members[index], members))
+        blocks.append(_cut(graph, index, paths[index], members[index], members, set(wanted)))
     return blocks
 
 
-def _cut(graph: fx.Graph, index: int, module: str, nodes: list[fx.Node], members: dict[int, list[fx.Node]]) -> LayerBlock:
+def _cut(graph: fx.Graph, index: int, module: str, nodes: list[fx.Node], members: dict[int, list[fx.Node]],
+         gated: set[int]) -> LayerBlock:
     inside = set(nodes)
     inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
     label = f"layer {index} ({module})"
@@ -124,7 +125,7 @@ def _cut(graph: fx.Graph, index: int, module: str, nodes: list[fx.Node], members
         if stray:
             raise NoBlock(Miss(label, "cross-layer value", f"{node.name} is read by {stray[0].name}, which belongs "
                                                            f"to no later layer"))
-        block.carried[node] = _stand_in(node, index, members, label)
+        block.carried[node] = _stand_in(node, index, members, gated, label)
     return block
 
 
@@ -173,12 +174,15 @@ def _kind(node: fx.Node) -> tuple:
     return (node.target, shape)
 
 
-def _stand_in(node: fx.Node, index: int, members: dict[int, list[fx.Node]], label: str) -> fx.Node:
-    """The same op's value in the nearest earlier layer: what later layers read when ``index`` is skipped."""
+def _stand_in(node: fx.Node, index: int, members: dict[int, list[fx.Node]], gated: set[int], label: str) -> fx.Node:
+    """The same op's value in the nearest earlier layer: what later layers read when ``index`` is skipped.
+    A gated earlier layer offers only values that leave it (the others vanish into its branch)."""
     kind = _kind(node)
     for earlier in range(index - 1, -1, -1):
-        nodes = set(members.get(earlier, []))
-        matches = [n for n in nodes if _kind(n) == kind and any(u not in nodes for u in n.users)]
+        nodes = members.get(earlier, [])
+        inside = set(nodes)
+        matches = [n for n in nodes if _kind(n) == kind
+                   and (earlier not in gated or any(u not in inside for u in n.users))]
         if matches:
             return matches[-1]
     raise NoBlock(Miss(label, "cross-layer value", f"later layers read {node.name} and no earlier layer computes "
