@@ -54,7 +54,7 @@ def capture(
 
 def default_phases(passes: Sequence[Pass]) -> tuple[str, ...]:
     """The inference steps, and the training step when some pass rewrites nothing else. A pass that
-    rewrites inference and training alike (SkipDecode) gets the train step when the caller names it."""
+    rewrites inference and training alike (an early-exit schedule) gets the train step when the caller names it."""
     return (*PHASES, TRAIN) if any(tuple(p.phases) == (TRAIN,) for p in passes) else PHASES
 
 
@@ -64,12 +64,12 @@ CLEAN_UP = ["eliminate_noops", "dce", "select_logit_rows"]
 
 def pipeline(passes: Sequence[Pass], lower: bool) -> list["str | Pass"]:
     """The full pass list: attention canonicalised and moved onto the runtime cache, the user's passes
-    (which rewrite those runtime ops; those that gate whole layers last, as later rewrites cannot see into
-    the gated blocks), then clean-up. Every added pass is idempotent, so listing them explicitly as well
+    (which rewrite those runtime ops), then clean-up, then the passes that gate whole layers (later
+    rewrites cannot see into the gated blocks, so these take the cleaned-up graph). Every added pass is idempotent, so listing them explicitly as well
     does no harm.
     """
-    ordered = [p for p in passes if not p.runs_last] + [p for p in passes if p.runs_last]
-    return [*LOWER_FIRST, *ordered, *CLEAN_UP] if lower else ordered
+    first, last = [p for p in passes if not p.runs_last], [p for p in passes if p.runs_last]
+    return [*LOWER_FIRST, *first, *CLEAN_UP, *last] if lower else first + last
 
 
 def plan(passes: "Sequence[str | Pass | type[Pass]]", lower: bool = True, verify: bool = False

@@ -16,10 +16,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from torch import fx
 
 from tokenpass.errors import TokenpassError
 from tokenpass.ir.graph import CAPTURED_PROPERTIES, TokenGraph
 from tokenpass.ir.onnx_bridge import load_onnx, summarize_onnx
+from tokenpass.ir.op_registry import lookup_attention
 from tokenpass.ir.visualize import layer_structure, to_dot, to_png, to_svg
 from tokenpass.models import SMOLLM2, TINY_FAMILIES
 from tokenpass.passes import Pass, PassManager
@@ -68,13 +70,12 @@ def plan_passes(source: str, passes: Sequence[str], lower: bool = True) -> tuple
     the pipeline already holds is not run twice. Without it, or for a saved program, exactly the list
     runs. No passes listed: the graph as captured.
     """
-    from tokenpass.api import CLEAN_UP, LOWER_FIRST, user_passes
+    from tokenpass.api import CLEAN_UP, LOWER_FIRST, pipeline, user_passes
 
     requested = user_passes(list(passes))
     if requested and lower and source in MODEL_CHOICES:
         automatic = {*LOWER_FIRST, *CLEAN_UP}
-        mine = [p for p in requested if p.name not in automatic]
-        manager = PassManager([*LOWER_FIRST, *mine, *CLEAN_UP])
+        manager = PassManager(pipeline([p for p in requested if p.name not in automatic], lower=True))
     else:
         manager = PassManager(requested)
     manager.check_order(set(CAPTURED_PROPERTIES))
@@ -94,8 +95,44 @@ def graph_report(graph: TokenGraph) -> dict:
         "lm_head": sites.to_dict()["lm_head"],
         "loss": sites.loss,
         "op_histogram": dict(graph.op_histogram().most_common()),
+        "branches": branches(graph),
         **graph.signature(),
     }
+
+
+def branches(graph: TokenGraph) -> list[dict]:
+    """Run-time control flow in the graph: each call that picks one of several subgraphs (a layer behind a
+    gate), with the pass that made it, the layer, each branch's size and attention ops, and the gate."""
+    modules = dict(graph.program.graph_module.named_children())
+    out = []
+    for node in graph.graph.nodes:
+        subgraphs = [a.target for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"
+                     and isinstance(modules.get(a.target), fx.GraphModule)]
+        if node.op != "call_function" or not subgraphs:
+            continue
+        gate = node.args[0] if isinstance(node.args[0], fx.Node) else None
+        made = node.meta.get("tokenpass") or {}
+        out.append({
+            "node": node.name, "made_by": made.get("pass"), "layer": made.get("layer"),
+            "branches": {name: _branch_summary(modules[name]) for name in subgraphs},
+            "gate": None if gate is None else _call_text(gate),
+        })
+    return out
+
+
+def _call_text(node: fx.Node) -> str:
+    """``op(name=value, ...)`` for a node's non-tensor arguments, named from the op's schema when it has one."""
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else [f"arg{i}" for i in range(len(node.args))]
+    values = {**dict(zip(names, node.args)), **node.kwargs}
+    shown = ", ".join(f"{k}={v}" for k, v in values.items() if not isinstance(v, fx.Node))
+    return f"{getattr(node.target, '__name__', node.target)}({shown})"
+
+
+def _branch_summary(module: fx.GraphModule) -> dict:
+    nodes = [n for n in module.graph.nodes if n.op == "call_function"]
+    attention = [str(n.target) for n in nodes if lookup_attention(n) is not None]
+    return {"nodes": len(nodes), "attention": attention}
 
 
 def inspect_source(
@@ -143,6 +180,8 @@ def render_text(report: dict, console: Console, io: bool = False, ops: bool = Fa
         console.print(layers_table(sites, report.get("passes", [])))
     else:
         console.print(f"attention sites: {len(sites)}")
+    if report.get("branches"):
+        console.print(branches_table(report["branches"]))
     if report.get("passes"):
         console.print(passes_table(report["passes"]))
     if diff:
@@ -157,6 +196,17 @@ def render_text(report: dict, console: Console, io: bool = False, ops: bool = Fa
         ("--diff", "nodes each pass added, removed, replaced", diff or not report.get("passes"))) if not shown]
     if more:
         console.print(f"[dim]more: {'; '.join(more)}[/dim]", highlight=False)
+
+
+def branches_table(rows: list[dict]) -> Table:
+    """Layers behind run-time gates: what runs when the gate opens, what when it does not, and the gate."""
+    table = Table(title=f"gated blocks ({len(rows)})", title_justify="left")
+    for column in ("layer", "made by", "branches (nodes, attention)", "gate"):
+        table.add_column(column)
+    for row in rows:
+        shown = "; ".join(f"{name}: {b['nodes']}, {len(b['attention'])}" for name, b in row["branches"].items())
+        table.add_row(str(row["layer"]), str(row["made_by"]), shown, escape(str(row["gate"])))
+    return table
 
 
 def layer_changes(passes: list[dict]) -> dict[str, dict[int | None, str]]:
