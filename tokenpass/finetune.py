@@ -66,18 +66,23 @@ def finetune(
     save: str | Path | None = None,
     evaluate: Callable[[int], dict] | None = None,
     evaluate_every: int = 0,
+    teacher: nn.Module | None = None,
 ) -> FinetuneReport:
     """Train ``model`` (in place) for ``steps`` AdamW steps on windows of ``token_ids`` with ``passes``
     applied to its training step; returns the loss curve. ``save``: a directory, or a bare name kept in
     tokenpass's cache (``tokenpass.load(name)`` loads it). ``evaluate(step)`` runs, in eval mode, before the
     first step and every ``evaluate_every`` steps (a model optimised before fine-tuning shares the weights
-    being trained, so it sees them change)."""
+    being trained, so it sees them change).
+
+    ``teacher`` (e.g. the unmodified model) turns the loss into distillation: KL(teacher || model) over the
+    next-token distributions at every position, which recovers what skipping lost without pulling the
+    model towards the fine-tuning text (what quality against the unmodified model measures)."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     _check(steps, batch, seq_len, lr, len(ids))
     prompt_tokens = seq_len // 4 if prompt_tokens is None else prompt_tokens
     if not 0 <= prompt_tokens < seq_len:
         raise TokenpassError(f"finetune: prompt_tokens must be in [0, seq_len={seq_len}), got {prompt_tokens}")
-    train_passes = training_passes(user_passes(passes), prompt_tokens, seq_len)
+    train_passes = training_passes(user_passes(passes), prompt_tokens, seq_len, fused_loss=teacher is None)
     trained = optimize(model, train_passes, phases=[TRAIN])
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -90,7 +95,8 @@ def finetune(
             report.evaluations.append({"step": step, **_evaluated(model, evaluate, step)})
         offsets = torch.randint(0, len(ids) - seq_len + 1, (batch,), generator=generator)
         window = torch.stack([ids[o : o + seq_len] for o in offsets.tolist()]).to(device)
-        loss = trained(window, torch.ones_like(window), labels=window).loss
+        out = trained(window, torch.ones_like(window), labels=window)
+        loss = out.loss if teacher is None else distillation_loss(out.logits, teacher, window)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -105,8 +111,18 @@ def finetune(
     return report
 
 
-def training_passes(passes: list[Pass], prompt_tokens: int, seq_len: int) -> list[Pass]:
-    """The caller's passes with schedules spanning one window, plus the fused loss unless already there."""
+def distillation_loss(logits: torch.Tensor, teacher: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) of the next-token distributions over every position of ``window``."""
+    with torch.no_grad():
+        target = teacher(input_ids=window).logits.float().log_softmax(-1)
+    student = logits.float().log_softmax(-1)
+    return torch.nn.functional.kl_div(student.flatten(0, 1), target.flatten(0, 1), log_target=True,
+                                      reduction="batchmean")
+
+
+def training_passes(passes: list[Pass], prompt_tokens: int, seq_len: int, fused_loss: bool = True) -> list[Pass]:
+    """The caller's passes with schedules spanning one window, plus the fused loss (unless already there,
+    or the logits are needed: distillation)."""
     out = []
     for p in passes:
         if TRAIN not in p.phases:
@@ -116,7 +132,7 @@ def training_passes(passes: list[Pass], prompt_tokens: int, seq_len: int) -> lis
         if {"start", "max_length"} <= fields:
             p = dataclasses.replace(p, start=prompt_tokens, max_length=seq_len - 1)
         out.append(p)
-    if not any(isinstance(p, CutCrossEntropy) for p in out):
+    if fused_loss and not any(isinstance(p, CutCrossEntropy) for p in out):
         out.append(CutCrossEntropy())
     return out
 

@@ -1,9 +1,9 @@
 """SkipDecode on SmolLM2: decode speed against the fraction of layers run, and quality with and without
 fine-tuning, under the ``tokenpass bench`` protocol (teacher-forced over real text, against the dense model).
 
-    python tools/bench_skipdecode.py speed [--context 512] [--tokens 64] [--rounds 3] [--batch 1]
+    python tools/bench_skipdecode.py speed [--context 512] [--tokens 64] [--rounds 3] [--batch 1] [--compile]
     python tools/bench_skipdecode.py quality [--weights NAME]
-    python tools/bench_skipdecode.py finetune --skip 0.25 --steps 200 --evaluate-every 50 --save NAME
+    python tools/bench_skipdecode.py finetune --skip 0.25 --steps 200 --evaluate-every 50 --save NAME [--init NAME]
 
 Skip levels are fractions of the layers skipped at every decode step (``min_layers = max_layers``, warm-up 2):
 the depth a linear schedule reaches at its end. Speed rounds are interleaved (every configuration once per
@@ -45,9 +45,9 @@ def speed(args) -> dict:
     model = tokenpass.load("smollm2") if args.model == "smollm2" else tokenpass.models.random_model(args.model, torch.float32)
     layers = model.config.num_hidden_layers
     captured = capture(model)
-    configs = {"dense": optimize_graphs(fork(captured), [])}
+    configs = {"dense": optimize_graphs(fork(captured), [], compile=args.compile)}
     for skip in args.skips:
-        configs[f"skip {skip:.0%}"] = optimize_graphs(fork(captured), [skip_pass(layers, skip)])
+        configs[f"skip {skip:.0%}"] = optimize_graphs(fork(captured), [skip_pass(layers, skip)], compile=args.compile)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context + args.tokens), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
@@ -61,7 +61,7 @@ def speed(args) -> dict:
         rows.append({"config": name, "layers_run_fraction": depth / layers,
                      "decode_tokens_per_s": args.batch * args.tokens / median, "speedup": dense / median,
                      "rounds_s": times[name]})
-    return {"model": args.model, "context": args.context, "tokens": args.tokens, "batch": args.batch,
+    return {"model": args.model, "context": args.context, "tokens": args.tokens, "batch": args.batch, "compiled": args.compile,
             "threads": torch.get_num_threads(), "rows": rows}
 
 
@@ -106,9 +106,9 @@ def quality(args) -> dict:
 
 def finetune(args) -> dict:
     prompt, cont = _eval_tokens(args.context, args.continuation)
-    model = tokenpass.load("smollm2")
+    dense = teacher_forced(tokenpass.optimize(tokenpass.load("smollm2"), []), prompt, cont, "dense")
+    model = tokenpass.load(args.init or "smollm2")  # --init: go on from an earlier run's weights
     layers = model.config.num_hidden_layers
-    dense = teacher_forced(tokenpass.optimize(model, []), prompt, cont, "dense")
     skipping = tokenpass.optimize(model, [skip_pass(layers, args.skip)])  # shares the weights being trained
 
     def evaluate(step: int) -> dict:
@@ -120,8 +120,10 @@ def finetune(args) -> dict:
     text = torch.tensor(load_tokenizer()(finetune_text(), add_special_tokens=False)["input_ids"])
     report = tokenpass.finetune(model, [skip_pass(layers, args.skip)], text, steps=args.steps, batch=args.batch,
                                 seq_len=args.seq_len, lr=args.lr, save=args.save, evaluate=evaluate,
-                                evaluate_every=args.evaluate_every)
-    return {"skip": args.skip, "train_tokens": len(text), **report.to_dict()}
+                                evaluate_every=args.evaluate_every,
+                                teacher=tokenpass.load("smollm2") if args.distill else None)
+    return {"skip": args.skip, "train_tokens": len(text), "init": args.init, "distill": args.distill,
+            **report.to_dict()}
 
 
 def main() -> None:
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="speed: decode steps per round")
     parser.add_argument("--batch", type=int, default=None, help="speed: 1; finetune: 4")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="speed: run the steps compiled (torch.compile)")
     parser.add_argument("--weights", help="quality: a fine-tuned model's name or directory, measured as well")
     parser.add_argument("--skip", type=float, default=0.25, help="finetune: the skip level trained")
     parser.add_argument("--steps", type=int, default=200)
@@ -141,6 +144,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--evaluate-every", type=int, default=50)
     parser.add_argument("--save", default=None)
+    parser.add_argument("--distill", action="store_true", help="finetune: KL to the unmodified model, not the text")
+    parser.add_argument("--init", default=None, help="finetune: start from these saved weights (default: smollm2)")
     args = parser.parse_args()
     args.batch = args.batch or (4 if args.mode == "finetune" else 1)
     result = {"speed": speed, "quality": quality, "finetune": finetune}[args.mode](args)
