@@ -272,3 +272,46 @@ def test_finetune_trains_saves_and_loads(tmp_path):
         tokenpass.finetune(model, ["skipdecode"], text[:50], steps=1, seq_len=64)
     with pytest.raises(TokenpassError, match="does not rewrite the training step"):
         tokenpass.finetune(model, ["tidaldecode"], text, steps=1, seq_len=32)
+
+
+def test_smollm2_gated_but_unskipped_is_exact_and_skipping_needs_finetuning(smollm2_optimized):
+    """The real model: gated layers the schedule keeps running give dense greedy tokens exactly; a quarter
+    of the layers skipped without fine-tuning costs perplexity badly (why ``tokenpass.finetune`` exists)."""
+    from tokenpass.bench import compare
+    from tokenpass.bench import teacher_forced as bench_forced
+    from tokenpass.models import load_tokenizer
+    from tokenpass.texts import read_text, token_ids
+
+    graphs = smollm2_optimized.graphs
+    ids = torch.tensor(token_ids(load_tokenizer(), read_text(), 192)).view(1, -1)
+    unskipped = optimize_graphs(fork(graphs), [SkipDecode(min_layers=22, warmup=2, max_length=10**5)])
+    assert report(unskipped).counts["gated_layers"] == 8
+    prompt = ids[:, :64]
+    assert torch.equal(unskipped.generate(prompt, max_new_tokens=16), smollm2_optimized.generate(prompt, max_new_tokens=16))
+    skipping = optimize_graphs(fork(graphs), [SkipDecode(min_layers=22, max_layers=22, warmup=2)])
+    dense_run = bench_forced(smollm2_optimized, ids[:, :128], ids[0, 128:], "dense")
+    figures = compare(bench_forced(skipping, ids[:, :128], ids[0, 128:], "skip"), dense_run, ids[0, 128:], 128)
+    assert figures["ppl_ratio"] > 3 and figures["top1_agreement"] < 0.8, figures
+
+
+def test_finetune_distills_towards_a_teacher():
+    """With ``teacher``, the first step's loss is KL(teacher || the masked model) on the sampled window."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model = tokenpass.tiny("llama")
+    teacher = copy.deepcopy(model)
+    p = SkipDecode(min_layers=2, warmup=1)
+    text = torch.randint(3, 300, (500,), generator=torch.Generator().manual_seed(0))
+    offsets = torch.randint(0, len(text) - 32 + 1, (2,), generator=torch.Generator().manual_seed(0))
+    window = torch.stack([text[o : o + 32] for o in offsets.tolist()])
+    trained_schedule = SkipDecode(min_layers=2, warmup=1, start=8, max_length=31).schedule(4)
+    student = reference_logits(model, trained_schedule, 8, window, torch.ones_like(window))
+    with torch.no_grad():
+        target = teacher(input_ids=window).logits
+    expected = F.kl_div(student.log_softmax(-1).flatten(0, 1), target.log_softmax(-1).flatten(0, 1),
+                        log_target=True, reduction="batchmean")
+    result = tokenpass.finetune(model, [p], text, steps=1, batch=2, seq_len=32, teacher=teacher)
+    assert expected > 1e-4
+    assert result.losses[0] == pytest.approx(expected.item(), rel=1e-4)

@@ -91,6 +91,13 @@ class SkipDecode(Pass):
             result.misses, result.applicable = [exc.miss], False
             return result
         args = self.schedule_args(plan)
+        carrying = next((b for b in blocks if b.carried), None)
+        if graph.phase == TRAIN and carrying is not None:  # a per-position mask has no stand-in per position
+            name = next(iter(carrying.carried)).name
+            result.misses = [Miss(carrying.label, "cross-layer value", f"later layers read {name}; the training "
+                                                                       f"step masks only the residual stream")]
+            result.applicable = False
+            return result
         if graph.phase == TRAIN:
             made = mask_blocks(graph, blocks, args)
             result.counts["masked_layers"] = len(made)
