@@ -315,3 +315,15 @@ def test_finetune_distills_towards_a_teacher():
     result = tokenpass.finetune(model, [p], text, steps=1, batch=2, seq_len=32, teacher=teacher)
     assert expected > 1e-4
     assert result.losses[0] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_compiled_steps_equal_eager():
+    """``compile=True``: the gate becomes ``torch.cond`` in one compiled graph and generates eager's tokens."""
+    model = tokenpass.tiny("llama")
+    p = SkipDecode(min_layers=2, warmup=1, max_length=PROMPT + 4)
+    ids, mask = padded_batch(model.config.vocab_size, length=PROMPT)
+    eager = tokenpass.optimize(model, [p]).generate(ids, mask, max_new_tokens=8)
+    compiled = tokenpass.optimize(model, [p], compile=True)
+    assert torch.equal(compiled.generate(ids, mask, max_new_tokens=8), eager)
+    decode = next(e for e in compiled.compile_report.entries if e.bucket.phase == "decode")
+    assert decode.graphs == 1

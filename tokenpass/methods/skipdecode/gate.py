@@ -35,7 +35,10 @@ GATE_META = "skipdecode"  # node.meta key marking what this pass made (idempoten
 
 
 def layer_branch(run: torch.Tensor, taken: fx.GraphModule, skipped: fx.GraphModule, operands: tuple) -> tuple:
-    """``taken(*operands)`` if the gate says the layer runs this step, else ``skipped(*operands)``."""
+    """``taken(*operands)`` if the gate says the layer runs this step, else ``skipped(*operands)``; traced by
+    ``torch.compile``, the branch is ``torch.cond`` (a data-dependent branch it compiles both sides of)."""
+    if torch.compiler.is_compiling():
+        return torch.cond(run, taken, skipped, tuple(operands))
     return taken(*operands) if bool(run) else skipped(*operands)
 
 
@@ -99,7 +102,7 @@ def _gate(gm: fx.GraphModule, g: fx.Graph, block: LayerBlock, input_ids: fx.Node
 def _subgraph(gm: fx.GraphModule, block: LayerBlock, inputs: list[fx.Node], results: list[fx.Node], skip: bool
               ) -> fx.GraphModule:
     """The layer's nodes as a graph of ``(*inputs, *stand-ins)`` (``skip=False``), or the identity returning
-    the residual input and the stand-ins (``skip=True``)."""
+    the residual input and the stand-ins, copied (``skip=True``)."""
     sub = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in inputs:
@@ -108,9 +111,9 @@ def _subgraph(gm: fx.GraphModule, block: LayerBlock, inputs: list[fx.Node], resu
     stand_ins = [sub.placeholder(f"stand_in_{i}") for i in range(len(block.carried))]
     for placeholder, value in zip(stand_ins, block.carried):
         placeholder.meta = {"val": value.meta.get("val")}
-    if skip:
+    if skip:  # copies, not the inputs themselves: torch.cond's branches may not alias their inputs
         residual = inputs[block.inputs.index(block.residual_in)]
-        sub.output((env[residual], *stand_ins))
+        sub.output(tuple(sub.call_function(torch.ops.aten.clone.default, (value,)) for value in (env[residual], *stand_ins)))
     else:
         for node in block.nodes:
             env[node] = sub.node_copy(node, lambda arg: env[arg])

@@ -165,6 +165,17 @@ def _is_identity(node: fx.Node) -> bool:
     return before is not None and after is not None and before.dtype == after.dtype and before.shape == after.shape
 
 
+def _element(producer: fx.Node, item: int, like: fx.Node) -> fx.Node:
+    """``producer[item]`` as a node (a new getitem after ``producer`` if the graph has none)."""
+    existing = [u for u in producer.users if u.target is operator.getitem and u.args[1] == item]
+    if existing:
+        return existing[0]
+    with producer.graph.inserting_after(producer):
+        element = producer.graph.call_function(operator.getitem, (producer, item))
+    element.meta = {k: v for k, v in like.meta.items() if k in ("val", "tensor_meta")}
+    return element
+
+
 def _kind(node: fx.Node) -> tuple:
     """What computes ``node``, for matching a value with its counterpart in another layer."""
     meta = tensor_meta(node)
@@ -176,7 +187,8 @@ def _kind(node: fx.Node) -> tuple:
 
 def _stand_in(node: fx.Node, index: int, members: dict[int, list[fx.Node]], gated: set[int], label: str) -> fx.Node:
     """The same op's value in the nearest earlier layer: what later layers read when ``index`` is skipped.
-    A gated earlier layer offers only values that leave it (the others vanish into its branch)."""
+    A gated earlier layer offers only values that leave it (the others vanish into its branch); an
+    ungated one also the unread element of a multi-output op (clean-up may have dropped its getitem)."""
     kind = _kind(node)
     for earlier in range(index - 1, -1, -1):
         nodes = members.get(earlier, [])
@@ -185,6 +197,10 @@ def _stand_in(node: fx.Node, index: int, members: dict[int, list[fx.Node]], gate
                    and (earlier not in gated or any(u not in inside for u in n.users))]
         if matches:
             return matches[-1]
+        if node.target is operator.getitem and earlier not in gated:
+            producers = [n for n in nodes if n.target == node.args[0].target]
+            if producers:
+                return _element(producers[-1], node.args[1], node)
     raise NoBlock(Miss(label, "cross-layer value", f"later layers read {node.name} and no earlier layer computes "
                                                    f"one to stand in when this layer is skipped; keep it in the "
                                                    f"warm-up (raise warmup above {index})"))
