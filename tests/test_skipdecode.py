@@ -137,7 +137,7 @@ def captured_llama():
     return model, capture(model)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     batch=st.integers(1, 4),
     bounds=st.tuples(st.integers(2, 4), st.integers(2, 4)).map(sorted),
