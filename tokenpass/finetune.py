@@ -90,7 +90,8 @@ def finetune(
     report = FinetuneReport([repr(p) for p in train_passes], steps, batch, seq_len, lr)
     device = trained.spec.device
     start = time.perf_counter()
-    for step in progress(range(steps), f"fine-tuning {trained.spec.name} under {', '.join(p.name for p in train_passes)}"):
+    names = ", ".join(p.name for p in train_passes)
+    for step in progress(range(steps), f"fine-tuning {trained.spec.name} under {names}"):
         if evaluate is not None and evaluate_every and step % evaluate_every == 0:
             report.evaluations.append({"step": step, **_evaluated(model, evaluate, step)})
         offsets = torch.randint(0, len(ids) - seq_len + 1, (batch,), generator=generator)

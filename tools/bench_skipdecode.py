@@ -27,13 +27,13 @@ from tokenpass.bench import Run, compare, teacher_forced
 from tokenpass.models import load_tokenizer
 from tokenpass.texts import finetune_text, read_text, token_ids
 
-WARMUP = 2
+WARMUP = 2  # the default: --warmup
 
 
-def skip_pass(num_layers: int, skip: float) -> tokenpass.SkipDecode:
-    """Constant depth: ``skip`` of the layers skipped at every decode step."""
+def skip_pass(num_layers: int, skip: float, warmup: int = WARMUP) -> tokenpass.SkipDecode:
+    """Constant depth: ``skip`` of the layers skipped at every decode step, above ``warmup`` bottom layers."""
     depth = num_layers - round(skip * num_layers)
-    return tokenpass.SkipDecode(min_layers=depth, max_layers=depth, warmup=WARMUP)
+    return tokenpass.SkipDecode(min_layers=depth, max_layers=depth, warmup=warmup)
 
 
 def _eval_tokens(context: int, continuation: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,13 +42,18 @@ def _eval_tokens(context: int, continuation: int) -> tuple[torch.Tensor, torch.T
 
 
 def speed(args) -> dict:
-    model = tokenpass.load("smollm2") if args.model == "smollm2" else tokenpass.models.random_model(args.model, torch.float32)
+    if args.model == "smollm2":
+        model = tokenpass.load("smollm2")
+    else:
+        model = tokenpass.models.random_model(args.model, torch.float32)
     layers = model.config.num_hidden_layers
     captured = capture(model)
     configs = {"dense": optimize_graphs(fork(captured), [], compile=args.compile)}
     for skip in args.skips:
-        configs[f"skip {skip:.0%}"] = optimize_graphs(fork(captured), [skip_pass(layers, skip)], compile=args.compile)
-    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context + args.tokens), generator=torch.Generator().manual_seed(0))
+        configs[f"skip {skip:.0%}"] = optimize_graphs(fork(captured), [skip_pass(layers, skip, args.warmup)],
+                                                       compile=args.compile)
+    shape = (args.batch, args.context + args.tokens)
+    ids = torch.randint(3, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, optimized in configs.items():
@@ -57,11 +62,13 @@ def speed(args) -> dict:
     rows = []
     for name, optimized in configs.items():
         median = statistics.median(times[name])
-        depth = layers if name == "dense" else skip_pass(layers, float(name.split()[1][:-1]) / 100).min_layers
+        skip = 0.0 if name == "dense" else float(name.split()[1][:-1]) / 100
+        depth = layers - round(skip * layers)
         rows.append({"config": name, "layers_run_fraction": depth / layers,
                      "decode_tokens_per_s": args.batch * args.tokens / median, "speedup": dense / median,
                      "rounds_s": times[name]})
-    return {"model": args.model, "context": args.context, "tokens": args.tokens, "batch": args.batch, "compiled": args.compile,
+    return {"model": args.model, "context": args.context, "tokens": args.tokens, "batch": args.batch,
+            "compiled": args.compile,
             "threads": torch.get_num_threads(), "rows": rows}
 
 
@@ -81,16 +88,19 @@ def _decode_seconds(optimized, ids: torch.Tensor, context: int) -> float:
         return time.perf_counter() - start
 
 
-def quality_rows(model, dense: Run, prompt: torch.Tensor, cont: torch.Tensor, skips: list[float], label: str) -> list[dict]:
+def quality_rows(model, dense: Run, prompt: torch.Tensor, cont: torch.Tensor, skips: list[float], label: str,
+                 warmups: list[int]) -> list[dict]:
     """Perplexity ratio, top-1 agreement and KL against ``dense`` (the original model) per skip level."""
     layers = model.config.num_hidden_layers
     captured = capture(model)
     rows = []
     for skip in skips:
-        optimized = optimize_graphs(fork(captured), [skip_pass(layers, skip)])
-        run = teacher_forced(optimized, prompt, cont, f"{label} skip {skip:.0%}")
-        figures = compare(run, dense, cont, prompt.shape[1])
-        rows.append({"weights": label, "skip": skip, **{k: figures[k] for k in ("ppl", "ppl_ratio", "top1_agreement", "kl")}})
+        for warmup in warmups:
+            optimized = optimize_graphs(fork(captured), [skip_pass(layers, skip, warmup)])
+            run = teacher_forced(optimized, prompt, cont, f"{label} skip {skip:.0%}")
+            figures = compare(run, dense, cont, prompt.shape[1])
+            rows.append({"weights": label, "skip": skip, "warmup": warmup,
+                         **{k: figures[k] for k in ("ppl", "ppl_ratio", "top1_agreement", "kl")}})
     return rows
 
 
@@ -98,9 +108,9 @@ def quality(args) -> dict:
     prompt, cont = _eval_tokens(args.context, args.continuation)
     original = tokenpass.load("smollm2")
     dense = teacher_forced(tokenpass.optimize(original, []), prompt, cont, "dense")
-    rows = quality_rows(original, dense, prompt, cont, args.skips, "original")
+    rows = quality_rows(original, dense, prompt, cont, args.skips, "original", args.warmups)
     if args.weights:
-        rows += quality_rows(tokenpass.load(args.weights), dense, prompt, cont, args.skips, args.weights)
+        rows += quality_rows(tokenpass.load(args.weights), dense, prompt, cont, args.skips, args.weights, args.warmups)
     return {"context": args.context, "continuation": args.continuation, "rows": rows}
 
 
@@ -109,7 +119,8 @@ def finetune(args) -> dict:
     dense = teacher_forced(tokenpass.optimize(tokenpass.load("smollm2"), []), prompt, cont, "dense")
     model = tokenpass.load(args.init or "smollm2")  # --init: go on from an earlier run's weights
     layers = model.config.num_hidden_layers
-    skipping = tokenpass.optimize(model, [skip_pass(layers, args.skip)])  # shares the weights being trained
+    trained = skip_pass(layers, args.skip, args.warmup)
+    skipping = tokenpass.optimize(model, [trained])  # shares the weights being trained
 
     def evaluate(step: int) -> dict:
         figures = compare(teacher_forced(skipping, prompt, cont, f"step {step}"), dense, cont, args.context)
@@ -118,11 +129,12 @@ def finetune(args) -> dict:
         return row
 
     text = torch.tensor(load_tokenizer()(finetune_text(), add_special_tokens=False)["input_ids"])
-    report = tokenpass.finetune(model, [skip_pass(layers, args.skip)], text, steps=args.steps, batch=args.batch,
+    report = tokenpass.finetune(model, [trained], text, steps=args.steps, batch=args.batch,
                                 seq_len=args.seq_len, lr=args.lr, save=args.save, evaluate=evaluate,
                                 evaluate_every=args.evaluate_every,
                                 teacher=tokenpass.load("smollm2") if args.distill else None)
-    return {"skip": args.skip, "train_tokens": len(text), "init": args.init, "distill": args.distill,
+    return {"skip": args.skip, "warmup": args.warmup, "train_tokens": len(text), "init": args.init,
+            "distill": args.distill,
             **report.to_dict()}
 
 
@@ -136,6 +148,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="speed: decode steps per round")
     parser.add_argument("--batch", type=int, default=None, help="speed: 1; finetune: 4")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="bottom layers that always run")
+    parser.add_argument("--warmups", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="quality: warm-ups to compare (default: --warmup)")
     parser.add_argument("--compile", action="store_true", help="speed: run the steps compiled (torch.compile)")
     parser.add_argument("--weights", help="quality: a fine-tuned model's name or directory, measured as well")
     parser.add_argument("--skip", type=float, default=0.25, help="finetune: the skip level trained")
@@ -148,6 +163,7 @@ def main() -> None:
     parser.add_argument("--init", default=None, help="finetune: start from these saved weights (default: smollm2)")
     args = parser.parse_args()
     args.batch = args.batch or (4 if args.mode == "finetune" else 1)
+    args.warmups = args.warmups or [args.warmup]
     result = {"speed": speed, "quality": quality, "finetune": finetune}[args.mode](args)
     print(json.dumps(result, indent=1))
 

@@ -29,6 +29,7 @@ import torch
 from torch import fx
 
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.methods.skipdecode.ops import layer_runs_op
 from tokenpass.methods.skipdecode.partition import LayerBlock
 
 GATE_META = "skipdecode"  # node.meta key marking what this pass made (idempotence, inspection)
@@ -74,7 +75,7 @@ def _gate(gm: fx.GraphModule, g: fx.Graph, block: LayerBlock, input_ids: fx.Node
     gm.register_module(f"skipdecode_skip_{block.index}", skipped)
     mark = {"pass": GATE_META, "layer": block.index, "module": block.module}
     with g.inserting_after(block.nodes[-1]):
-        run = g.call_function(torch.ops.tokenpass.skipdecode_runs.default,
+        run = g.call_function(layer_runs_op,
                               (input_ids, block.index, *schedule_args), {"debug": debug})
     with g.inserting_after(run):
         true_attr = g.get_attr(f"skipdecode_layer_{block.index}")
@@ -113,7 +114,8 @@ def _subgraph(gm: fx.GraphModule, block: LayerBlock, inputs: list[fx.Node], resu
         placeholder.meta = {"val": value.meta.get("val")}
     if skip:  # copies, not the inputs themselves: torch.cond's branches may not alias their inputs
         residual = inputs[block.inputs.index(block.residual_in)]
-        sub.output(tuple(sub.call_function(torch.ops.aten.clone.default, (value,)) for value in (env[residual], *stand_ins)))
+        values = (env[residual], *stand_ins)
+        sub.output(tuple(sub.call_function(torch.ops.aten.clone.default, (value,)) for value in values))
     else:
         for node in block.nodes:
             env[node] = sub.node_copy(node, lambda arg: env[arg])

@@ -21,6 +21,7 @@ from torch import fx
 
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.methods.skipdecode.gate import GATE_META
+from tokenpass.methods.skipdecode.ops import layer_mask_op
 from tokenpass.methods.skipdecode.partition import LayerBlock
 
 aten = torch.ops.aten
@@ -29,14 +30,15 @@ aten = torch.ops.aten
 def mask_blocks(graph: TokenGraph, blocks: list[LayerBlock], schedule_args: tuple) -> list[fx.Node]:
     """Insert the per-position select after each block's residual output; returns the select nodes."""
     g = graph.graph
-    input_ids = next(n for n in g.nodes if n.op == "placeholder" and n.name == graph.program.graph_signature.user_inputs[0])
+    first_input = graph.program.graph_signature.user_inputs[0]
+    input_ids = next(n for n in g.nodes if n.op == "placeholder" and n.name == first_input)
     selects: list[fx.Node] = []
     masked: dict[fx.Node, fx.Node] = {}  # a masked layer's output -> its select (the next layer's input)
     for block in blocks:
         out = block.residual_out
         readers = [u for u in out.users if u not in set(block.nodes)]
         with g.inserting_after(out):
-            runs = g.call_function(torch.ops.tokenpass.skipdecode_mask.default, (input_ids, block.index, *schedule_args))
+            runs = g.call_function(layer_mask_op, (input_ids, block.index, *schedule_args))
         with g.inserting_after(runs):
             column = g.call_function(aten.view.default, (runs, [1, -1, 1]))
         with g.inserting_after(column):
