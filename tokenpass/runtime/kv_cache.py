@@ -106,6 +106,9 @@ class KVCache:
         # ran at the last step): the cache is the one per-session object both reach. Keys are prefixed
         # with the method's name; the cache never reads them.
         self.notes: dict[str, object] = {}
+        # Slots committed so far, evictions not subtracted: the index the next token takes in the (left-
+        # padded) sequence, which eviction must not move (schedules keyed on it, reports).
+        self.sequence_length = 0
 
     def _states_of(self, layer: int) -> tuple[SlotState, ...]:
         return tuple(spec for spec in self.slot_states.values() if layer in spec.layers)
@@ -169,6 +172,7 @@ class KVCache:
 
     def commit(self) -> None:
         t = self.step_positions.shape[1]
+        self.sequence_length += t
         for cache in self.layers:
             cache.length += t
         self.step_positions = self.step_valid = None
@@ -177,6 +181,7 @@ class KVCache:
         """Forget the last ``tokens`` committed slots of every layer (their next step overwrites them)."""
         if not 0 <= tokens <= self.length:
             raise TokenpassError(f"cannot rewind {tokens} tokens of a cache holding {self.length}")
+        self.sequence_length -= tokens
         for cache in self.layers:
             cache.length -= tokens
             cache.valid[:, :, cache.length : cache.length + tokens] = False
