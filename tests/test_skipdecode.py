@@ -328,3 +328,27 @@ def test_compiled_steps_equal_eager():
     assert torch.equal(compiled.generate(ids, mask, max_new_tokens=8), eager)
     decode = next(e for e in compiled.compile_report.entries if e.bucket.phase == "decode")
     assert decode.graphs == 1
+
+
+def test_schedule_survives_kv_eviction(captured_llama):
+    """With a KV budget below the prompt (recent-window eviction after every step), the gate keeps counting
+    positions in the sequence, not slots left in the cache: its decisions are the schedule's, and the debug
+    invariant holds (evicted slots go from every layer alike)."""
+    from tokenpass.methods.skipdecode.runtime import GATE_CALLS, GATE_RUNS
+
+    model, graphs = captured_llama
+    p = SkipDecode(min_layers=2, max_layers=4, warmup=1, max_length=PROMPT + 4, debug=True)
+    optimized = optimize_graphs(fork(graphs), [p])
+    ids, mask = padded_batch(model.config.vocab_size, length=PROMPT)
+    session = optimized.session(2, capacity=PROMPT + NEW, budget=6)
+    positions = positions_from_mask(mask)
+    with torch.no_grad():
+        logits = session.step(ids, mask, positions)
+        for step in range(NEW - 1):
+            token = logits[:, -1:].argmax(-1)
+            positions = positions[:, -1:] + 1
+            logits = session.step(token, torch.ones_like(token), positions)
+    assert session.cache.length == 6 and session.cache.sequence_length == PROMPT + NEW - 1
+    plan = p.schedule(4)
+    expected = sum(plan.runs(layer, slot, PROMPT) for layer in (1, 2) for slot in range(PROMPT, PROMPT + NEW - 1))
+    assert session.cache.notes[GATE_CALLS] == 2 * (NEW - 1) and session.cache.notes[GATE_RUNS] == expected

@@ -1,8 +1,8 @@
 """Run-time implementations of SkipDecode's ops.
 
 The gate runs on the host: the decision is one boolean per layer and step, shared by the batch, taken
-from the position of the step's token in the runtime cache (its slot: left padding included, so every
-row of a left-padded batch agrees). The prompt's end is remembered in the cache's ``notes`` at the first
+from the step's index in the left-padded sequence (``KVCache.sequence_length``: eviction does not move it),
+so every row agrees. The prompt's end is remembered in the cache's ``notes`` at the first
 decode step. With ``debug`` the gate asserts the KV invariant: a layer that runs at slot ``i`` after the
 prompt also ran at slot ``i - 1``, so its cache holds every earlier token.
 """
@@ -32,7 +32,7 @@ def schedule(num_layers: int, max_layers: int, min_layers: int, warmup: int, max
 @torch.library.impl(LAYER_RUNS, "CompositeExplicitAutograd")
 def layer_runs(input_ids, layer, num_layers, max_layers, min_layers, warmup, max_length, start, debug=False):
     cache = active_cache()
-    slot = cache.length  # the step's token takes the next slot
+    slot = cache.sequence_length  # not cache.length: eviction (a KV budget) shrinks that
     notes = cache.notes
     if start < 0:
         start = notes.setdefault(PROMPT_END, slot)
