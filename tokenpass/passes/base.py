@@ -121,6 +121,12 @@ class Pass(ABC):
     def validate(self) -> None:
         """Refuse option values the annotations admit but the pass cannot use (raise ``PassError``)."""
 
+    def for_training(self, prompt_tokens: int, window: int) -> "Pass":
+        """This pass as fine-tuning applies it to windows of ``window`` tokens whose first
+        ``prompt_tokens`` play the prompt (a schedule keyed on the prompt's end needs a fixed one).
+        Default: unchanged."""
+        return self
+
     def check_model(self, spec: ModelSpec) -> None:
         """Refuse options this model's shape rules out (raise ``PassError``), e.g. a layer it does not have.
         ``optimize`` calls it right after the cheap probe and before the slow export, so such a mistake
