@@ -129,10 +129,7 @@ def training_passes(passes: list[Pass], prompt_tokens: int, seq_len: int, fused_
         if TRAIN not in p.phases:
             raise TokenpassError(f"finetune: pass '{p.name}' does not rewrite the training step; fine-tune with the "
                                  f"passes that change what the model computes (e.g. skipdecode)")
-        fields = {f.name for f in dataclasses.fields(p)} if dataclasses.is_dataclass(p) else set()
-        if {"start", "max_length"} <= fields:
-            p = dataclasses.replace(p, start=prompt_tokens, max_length=seq_len - 1)
-        out.append(p)
+        out.append(p.for_training(prompt_tokens, seq_len))
     if fused_loss and not any(isinstance(p, CutCrossEntropy) for p in out):
         out.append(CutCrossEntropy())
     return out

@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 
@@ -74,8 +75,6 @@ def speed(args) -> dict:
 
 def _decode_seconds(optimized, ids: torch.Tensor, context: int) -> float:
     """Seconds to decode ``ids[:, context:]`` one token per step after a prefill of ``context`` tokens."""
-    import time
-
     batch = ids.shape[0]
     session = optimized.session(batch, capacity=ids.shape[1])
     ones = torch.ones((batch, 1), dtype=torch.long)

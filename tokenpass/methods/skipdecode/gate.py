@@ -51,10 +51,10 @@ def gate_blocks(graph: TokenGraph, blocks: list[LayerBlock], schedule_args: tupl
     input_ids = by_name[user_inputs[0]]
     renamed: dict[fx.Node, fx.Node] = {}  # a gated block's output -> the branch getitem standing for it
     branches = []
+    output = next(n for n in g.nodes if n.op == "output")
     for block in blocks:
         branches.append(_gate(gm, g, block, input_ids, schedule_args, debug, renamed))
-        output = next(n for n in g.nodes if n.op == "output")
-        for index, _ in block.returned.items():
+        for index in block.returned:
             past = by_name[user_inputs[index + 2]]  # (logits, present...) pairs with (ids, mask, positions, past...)
             output.update_arg(0, tuple(past if i == index else v for i, v in enumerate(output.args[0])))
             spec = graph.program.graph_signature.output_specs[index]

@@ -11,7 +11,7 @@ Check before rewriting: every block is cut (or the pass refuses, naming the laye
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from tokenpass.errors import PassError
@@ -53,8 +53,7 @@ class SkipDecode(Pass):
     debug: bool = False
 
     def validate(self) -> None:
-        check_options(self.max_layers, 1 if self.min_layers is None else self.min_layers,
-                      self.warmup if self.min_layers is not None else 0, self.max_length)
+        check_options(self.max_layers, self.min_layers, self.warmup, self.max_length)
         if self.start is not None and self.start < 0:
             raise PassError(f"skipdecode: start must be >= 0 (a position), got {self.start}")
 
@@ -67,6 +66,11 @@ class SkipDecode(Pass):
         max_layers = self.max_layers if self.max_layers is not None else num_layers
         return LinearSchedule(num_layers, max_layers, min_layers, self.warmup, self.max_length)
 
+    def for_training(self, prompt_tokens: int, window: int) -> "SkipDecode":
+        """The schedule over one training window: its first ``prompt_tokens`` are the prompt and the
+        depth reaches ``min_layers`` at its last token, so every depth used at run time is trained."""
+        return replace(self, start=prompt_tokens, max_length=window - 1)
+
     def schedule_args(self, plan: LinearSchedule) -> tuple:
         """The schedule as the ops' arguments (``start = -1``: the prompt's end, known at run time)."""
         return (plan.num_layers, plan.max_layers, plan.min_layers, plan.warmup, plan.max_length,
@@ -74,7 +78,7 @@ class SkipDecode(Pass):
 
     def run(self, graph: TokenGraph) -> PassResult:
         result = PassResult(self.name, graph)
-        if any(n.meta.get("tokenpass", {}).get("pass") == GATE_META for n in graph.graph.nodes):
+        if _applied(graph):
             result.counts["already_applied"] = 1
             return result
         layers = graph.sites().layers
@@ -121,8 +125,13 @@ class SkipDecode(Pass):
 
     def ensures(self, graph: TokenGraph) -> list[Miss]:
         """Layer skipping holds once the graph's layers are gated (or none may ever be skipped)."""
-        if any(n.meta.get("tokenpass", {}).get("pass") == GATE_META for n in graph.graph.nodes):
+        if _applied(graph):
             return []
         if graph.sites().layers and not list(self.schedule(len(graph.sites().layers)).skippable()):
             return []
         return [Miss(graph.label, "layers gated", "no layer was gated")]
+
+
+def _applied(graph: TokenGraph) -> bool:
+    """Whether this pass already gated or masked the graph's layers (nodes it made carry its mark)."""
+    return any(n.meta.get("tokenpass", {}).get("pass") == GATE_META for n in graph.graph.nodes)

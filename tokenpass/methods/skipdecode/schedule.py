@@ -63,16 +63,19 @@ def check_schedule(num_layers: int, max_layers: int, min_layers: int, warmup: in
     check_options(max_layers, min_layers, warmup, max_length)
 
 
-def check_options(max_layers: int | None, min_layers: int, warmup: int, max_length: int) -> None:
-    """The checks that need no model: order of the bounds, the warm-up, the schedule's length."""
+def check_options(max_layers: int | None, min_layers: int | None, warmup: int, max_length: int) -> None:
+    """The checks that need no model (None: a bound resolved from the model later): order of the bounds,
+    the warm-up, the schedule's length."""
+    if warmup < 0:
+        raise PassError(f"skipdecode: warmup must be >= 0, got {warmup}")
+    if max_length < 1:
+        raise PassError(f"skipdecode: max_length must be >= 1, got {max_length}")
+    if min_layers is None:
+        return
     if min_layers < 1:
         raise PassError(f"skipdecode: min_layers must be >= 1, got {min_layers}")
     if max_layers is not None and min_layers > max_layers:
         raise PassError(f"skipdecode: min_layers={min_layers} exceeds max_layers={max_layers}")
-    if warmup < 0:
-        raise PassError(f"skipdecode: warmup must be >= 0, got {warmup}")
     if warmup >= min_layers:
         raise PassError(f"skipdecode: warmup={warmup} must be below min_layers={min_layers} "
                         f"(the top layers run at every depth, so at least one must remain above the warm-up)")
-    if max_length < 1:
-        raise PassError(f"skipdecode: max_length must be >= 1, got {max_length}")
