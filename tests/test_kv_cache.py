@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenpass.errors import TokenpassError
 from tokenpass.ir.requests import SlotState
@@ -223,3 +225,52 @@ def test_declared_slot_states_are_staged_grown_compacted_and_counted():
     assert torch.equal(cache.state(0, "copy")[..., 1], keys[:, :, 0].bfloat16())  # a rewound slot is re-staged
     with pytest.raises(TokenpassError, match="layer 1 of the KV cache keeps no state 'copy'"):
         cache.state(1, "copy")
+
+
+def _live_entries(cache: KVCache, layer: int) -> list[list[set]]:
+    """Per sequence and head: the set of (position, key value, value value, state) of live slots."""
+    c = cache.layers[layer]
+    state = c.states.get("score")
+    return [[{(int(c.positions[b, h, i]), float(c.keys[b, h, i, 0]), float(c.values[b, h, i, 0]),
+               None if state is None else float(state[b, h, i]))
+              for i in range(c.length) if c.valid[b, h, i]} for h in range(c.keys.shape[1])]
+            for b in range(c.keys.shape[0])]
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 3), length=st.integers(1, 40), seed=st.integers(0, 10_000))
+def test_retain_keeps_exactly_the_marked_live_slots_and_moves_few(batch, heads, length, seed):
+    """``retain`` equals set semantics: the live slots afterwards are the marked live ones, with their
+    positions, keys, values and states; the new length is the largest per-head count."""
+    g = torch.Generator().manual_seed(seed)
+    score = SlotState("score", layers=(0,))
+    cache = KVCache(num_layers=1, batch=batch, num_kv_heads=heads, head_dim=2, capacity=4, slot_states={"score": score})
+    k = torch.randn(batch, heads, length, 2, generator=g)
+    valid = torch.rand(batch, length, generator=g) > 0.2
+    _step(cache, [(k, -k)], torch.arange(length).expand(batch, length), valid)
+    cache.state(0, "score")[..., :length] = torch.randn(batch, heads, length, generator=g)
+    keep = torch.rand(batch, heads, length, generator=g) > 0.5
+    before = _live_entries(cache, 0)
+    want = [[{e for e in before[b][h] if keep[b, h, e[0]]} for h in range(heads)] for b in range(batch)]
+    n = cache.retain(0, keep)
+    assert n == max(len(w) for row in want for w in row) == cache.length
+    assert _live_entries(cache, 0) == want
+    assert not cache.layers[0].valid[:, :, n:].any()
+
+
+def test_retain_of_one_slot_moves_one_and_shrinks_a_large_buffer():
+    cache = KVCache(num_layers=1, batch=1, num_kv_heads=1, head_dim=2, capacity=1100)
+    k = torch.arange(1000.0).view(1, 1, 1000, 1).expand(1, 1, 1000, 2).contiguous()
+    _step(cache, [(k, k)], torch.arange(1000)[None], torch.ones(1, 1000))
+    keep = torch.ones(1, 1, 1000, dtype=torch.bool)
+    keep[0, 0, 10] = False
+    before = cache.nbytes()
+    assert cache.retain(0, keep) == 999
+    layer = cache.layers[0]
+    assert layer.keys[0, 0, 10, 0] == 999.0 and layer.positions[0, 0, 10] == 999  # the last slot filled the hole
+    assert torch.equal(layer.keys[0, 0, 11:999, 0], torch.arange(11.0, 999.0))  # nothing else moved
+    assert cache.nbytes() == before  # 999 + 64 slots would not be worth a reallocation ...
+    cache.retain(0, torch.arange(999)[None, None] < 100)
+    assert cache.length == 100 and cache.nbytes() < before / 5  # ... 100 are: memory is returned
+    with pytest.raises(TokenpassError, match="keep mask of layer 0"):
+        cache.retain(0, torch.ones(1, 1, 7, dtype=torch.bool))

@@ -215,6 +215,63 @@ class KVCache:
         self.layers[layer] = target
         self.all_valid = False
 
+    def retain(self, layer: int, keep: torch.Tensor, shrink: bool = True) -> int:
+        """Keep the slots ``keep`` marks (``[B, H, length]`` bool) of ``layer``; return its new length.
+
+        Why not ``keep``: an eviction step that drops one slot would gather every kept slot, a copy as
+        large as the attention read it saves. Here only kept slots beyond the new length move, each into
+        a dropped slot's place, so evicting ``m`` slots moves at most ``m`` (slot order is not preserved;
+        attention does not depend on it, and positions travel with the slots). Sequences and heads may
+        keep different counts: the new length is the largest, and the others' leftover slots are dead.
+        With ``shrink``, a buffer far larger than the new length is reallocated so memory is returned.
+        """
+        cache = self.layers[layer]
+        length = cache.length
+        if keep.shape != (*cache.keys.shape[:2], length):
+            raise TokenpassError(f"retain: the keep mask of layer {layer} is {tuple(keep.shape)}, expected "
+                                 f"{(*cache.keys.shape[:2], length)}")
+        keep = keep & cache.valid[:, :, :length]
+        n = int(keep.sum(-1).max()) if keep.numel() else 0
+        if n < length:
+            self._fill_holes(layer, keep, n)
+        cache.valid[:, :, :n] &= keep[:, :, :n]
+        if n < length:
+            cache.valid[:, :, n:] = False
+            cache.positions[:, :, n:] = -1
+            cache.length = n
+            if shrink and n + max(_MIN_CAPACITY, n // 4) < cache.capacity:  # worth a copy (growth's margin)
+                self.layers[layer] = self._resized(layer, n + _MIN_CAPACITY)
+        self.all_valid = False
+        return n
+
+    def _fill_holes(self, layer: int, keep: torch.Tensor, n: int) -> None:
+        """Move each kept slot at index >= ``n`` into a dropped slot below ``n`` (per sequence and head)."""
+        cache = self.layers[layer]
+        length = keep.shape[-1]
+        index = torch.arange(length, device=keep.device).expand_as(keep)
+        movers = keep & (index >= n)
+        holes = ~keep & (index < n)
+        moved = int(movers.sum(-1).max())
+        if moved == 0:
+            return
+        spare = length - 1  # pairs past a head's own count copy this slot onto itself: it is dropped anyway
+        src = torch.where(movers, index, length + index).sort(-1).values[..., :moved]
+        dst = torch.where(holes, index, length + index).sort(-1).values[..., :moved]
+        real = src < length
+        src, dst = src.where(real, spare), dst.where(real, spare)
+        rows = src.unsqueeze(-1).expand(-1, -1, -1, cache.keys.shape[-1])
+        into = dst.unsqueeze(-1).expand_as(rows)
+        for name in ("keys", "values"):
+            buffer = getattr(cache, name)
+            buffer.scatter_(2, into, buffer.gather(2, rows))
+        for name in ("positions", "valid"):
+            buffer = getattr(cache, name)
+            buffer.scatter_(2, dst, buffer.gather(2, src))
+        for spec in self._states_of(layer):
+            state = cache.states[spec.name]
+            state.scatter_(spec.slot_axis, _slot_index(state, spec, dst), _gather_slots(state, spec, src))
+        keep.scatter_(2, dst, keep.gather(2, src))  # the holes now hold kept slots
+
     def enforce_budget(self) -> int:
         """Evict down to ``budget`` slots per sequence and head, keeping the most recent; returns how many
         slots each layer dropped. Eviction passes that score tokens call ``keep`` with their own choice
@@ -248,14 +305,17 @@ class KVCache:
         return int(sum(int(layer.valid[:, :, : layer.length].sum()) for layer in self.layers))
 
 
-def _gather_slots(state: torch.Tensor, spec: SlotState, slots: torch.Tensor) -> torch.Tensor:
-    """``state``'s entries at ``slots`` ``[B, H, n]`` along its slot axis."""
+def _slot_index(state: torch.Tensor, spec: SlotState, slots: torch.Tensor) -> torch.Tensor:
+    """``slots`` ``[B, H, n]`` expanded over ``state``'s trailing axes, for gather/scatter on its slot axis."""
     b, h, n = slots.shape
     if spec.layout == "slot_major":
-        index = slots.view(b, h, n, *([1] * len(spec.trailing))).expand(b, h, n, *spec.trailing)
-    else:
-        index = slots.view(b, h, *([1] * len(spec.trailing)), n).expand(b, h, *spec.trailing, n)
-    return state.gather(spec.slot_axis, index)
+        return slots.view(b, h, n, *([1] * len(spec.trailing))).expand(b, h, n, *spec.trailing)
+    return slots.view(b, h, *([1] * len(spec.trailing)), n).expand(b, h, *spec.trailing, n)
+
+
+def _gather_slots(state: torch.Tensor, spec: SlotState, slots: torch.Tensor) -> torch.Tensor:
+    """``state``'s entries at ``slots`` ``[B, H, n]`` along its slot axis."""
+    return state.gather(spec.slot_axis, _slot_index(state, spec, slots))
 
 
 def check_budget(budget: int, max_positions: int | None) -> int:

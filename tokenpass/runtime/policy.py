@@ -54,9 +54,10 @@ def register_policy(cls: P) -> P:
 
 
 def build_policies(specs: Sequence[PolicySpec]) -> list[Policy]:
-    """One fresh policy object per spec, for one session."""
+    """One fresh policy object per distinct spec, for one session (a pass that declares its policy on the
+    prefill and the decode graph gets one policy, not two)."""
     policies = []
-    for spec in specs:
+    for spec in dict.fromkeys(specs):
         if spec.name not in POLICIES:
             known = ", ".join(sorted(POLICIES)) or "none"
             raise TokenpassError(f"the graph asks for run-time policy '{spec.name}', which is not registered (known: {known})")
