@@ -3,4 +3,11 @@
 See docs/writing-a-method.md for what a method adds, file by file.
 """
 
-from tokenpass.methods import cutcrossentropy, skipdecode, tidaldecode  # noqa: F401 - registration
+from tokenpass.methods import (  # noqa: F401 - registration
+    cutcrossentropy,
+    h2o,
+    keyformer,
+    skipdecode,
+    streamingllm,
+    tidaldecode,
+)

@@ -223,7 +223,8 @@ class KVCache:
         a dropped slot's place, so evicting ``m`` slots moves at most ``m`` (slot order is not preserved;
         attention does not depend on it, and positions travel with the slots). Sequences and heads may
         keep different counts: the new length is the largest, and the others' leftover slots are dead.
-        With ``shrink``, a buffer far larger than the new length is reallocated so memory is returned.
+        With ``shrink``, a buffer far larger than the new length is reallocated so memory is returned, with
+        room for one more token: an evicting method holds its budget plus the step's token, no headroom.
         """
         cache = self.layers[layer]
         length = cache.length
@@ -240,7 +241,7 @@ class KVCache:
             cache.positions[:, :, n:] = -1
             cache.length = n
             if shrink and n + max(_MIN_CAPACITY, n // 4) < cache.capacity:  # worth a copy (growth's margin)
-                self.layers[layer] = self._resized(layer, n + _MIN_CAPACITY)
+                self.layers[layer] = self._resized(layer, n + 1)  # room for the next decode token
         self.all_valid = False
         return n
 

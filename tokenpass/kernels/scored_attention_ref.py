@@ -1,0 +1,106 @@
+"""Exact torch reference of attention that also scores the keys it reads (Keyformer, H2O).
+
+Eviction by accumulated attention needs, per KV head and slot, the sum over queries (and over the query
+heads sharing the KV head) of a softmax over that query's scores. A fused SDPA does not expose its
+probabilities, and a second pass over the keys to recompute them would double what attention reads, so
+this reference computes the scores ``x = q . k * scale`` once and derives both the output
+(``softmax(x) @ V``) and the score contribution ``sum softmax((x + g) / tau)`` from them.
+
+``g`` is Gumbel noise (Keyformer's regularisation; ``noise=False`` for H2O or a noise-free Keyformer).
+It is a hash of (seed, layer, query head, query position, key position), not a draw from a generator:
+a row's noise then does not depend on the other rows of the batch, on its left padding or on where its
+slots sit in the cache, so a batch gives each row what it gets alone, and a kernel can compute the same
+noise without reading any.
+
+Shapes: queries ``[B, Hq, T, D]``, keys/values ``[B, Hkv, S, D]``, visibility ``mask`` ``[B, Hkv, T, S]``
+(or ``[B, Hkv, S]`` for one query, or None: all visible), ``query_positions`` ``[B, T]``,
+``slot_positions`` ``[B, Hkv, S]``. Returns the output ``[B, Hq, T, D]`` and the contribution
+``[B, Hkv, S]`` in fp32 (zero for slots no real query sees).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenpass.kernels.cache_attention_ref import check_softcap, soft_cap
+
+QUERY_CHUNK = 256  # prefill queries scored at once: bounds the [B, Hq, chunk, S] score buffer
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values in ``[0, 2**32)``."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: int, layer: int, query_positions: torch.Tensor, slot_positions: torch.Tensor,
+                 query_heads: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise ``[B, Hkv, G, T, S]`` keyed by (seed, layer, query head, query and key position)."""
+    b, hkv, s = slot_positions.shape
+    group = query_heads // hkv
+    head = torch.arange(query_heads, device=slot_positions.device).view(1, hkv, group, 1, 1)
+    base = _mix32(torch.tensor((seed * 1_000_003 + layer) & _MASK32, device=slot_positions.device))
+    x = _mix32((base + head * 0x9E3779B9) & _MASK32)
+    x = _mix32((x + query_positions.view(b, 1, 1, -1, 1) * 0x85EBCA6B) & _MASK32)
+    x = _mix32((x + slot_positions.view(b, hkv, 1, 1, s) * 0xC2B2AE35) & _MASK32)
+    uniform = (x.to(torch.float64) + 0.5) / 2.0**32  # in (0, 1), never 0 or 1
+    return (-torch.log(-torch.log(uniform))).float()
+
+
+def scored_attention_reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    query_valid: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
+    slot_positions: torch.Tensor | None = None,
+    tau: float = 1.0,
+    noise: bool = False,
+    seed: int = 0,
+    layer: int = 0,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and per-slot score contribution in one pass over the keys (see the module doc).
+
+    ``query_valid`` ``[B, T]`` drops padding queries from the contribution; ``noise`` needs both position
+    tensors. Queries are processed ``QUERY_CHUNK`` at a time.
+    """
+    check_softcap(softcap)
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau!r}")
+    b, hq, t, d = query.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    group = hq // hkv
+    if mask is not None and mask.dim() == 3:
+        mask = mask[:, :, None, :]
+    outputs, contribution = [], torch.zeros((b, hkv, s), dtype=torch.float32, device=query.device)
+    for start in range(0, t, QUERY_CHUNK):
+        stop = min(t, start + QUERY_CHUNK)
+        q = query[:, :, start:stop].float().reshape(b, hkv, group, stop - start, d)
+        x = soft_cap(torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)) * scale, softcap)  # [B,Hkv,G,c,S]
+        visible = None if mask is None else mask[:, :, None, start:stop] if mask.shape[2] > 1 else mask[:, :, None]
+        if visible is not None:
+            x = x.masked_fill(~visible, float("-inf"))
+        outputs.append(torch.matmul(x.softmax(-1), values.float()[:, :, None]).reshape(b, hq, stop - start, -1))
+        if noise:
+            x = x + gumbel_noise(seed, layer, query_positions[:, start:stop], slot_positions, hq)
+        probs = (x / tau).softmax(-1) if tau != 1.0 or noise else x.softmax(-1)
+        if query_valid is not None:
+            probs = probs * query_valid[:, None, None, start:stop, None]
+        contribution += probs.sum((2, 3))
+    return torch.cat(outputs, 2).to(query.dtype), contribution
+
+
+def temperature(tau_init: float, tau_end: float, step: int, horizon: int) -> float:
+    """Keyformer's temperature at decode step ``step``: linear from ``tau_init`` to ``tau_end`` over
+    ``horizon`` steps, then held (the prompt is scored at ``tau_init``)."""
+    if horizon <= 0:
+        return tau_end
+    return tau_init + (tau_end - tau_init) * min(1.0, max(0, step) / horizon)
+

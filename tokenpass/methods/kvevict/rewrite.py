@@ -1,0 +1,91 @@
+"""The base of KV-eviction passes: a method is a small dataclass whose fields are its options.
+
+What a subclass says: whether it scores slots (then every cache-attention site becomes
+``scored_attention`` with the subclass's noise and temperature arguments, and the cache keeps the
+``SCORES`` state) and the options of the ``kvevict`` policy that evicts after each step. The base owns
+score -> lowest -> evict; Keyformer, H2O and StreamingLLM are a few lines each on top of it.
+
+Before (both phases, after ``lower_kv_cache``)::
+
+    out_l = tokenpass.cached_attention(q_l, k_l, v_l, scale, l)
+
+After (a scoring method)::
+
+    out_l = tokenpass.scored_attention(q_l, k_l, v_l, scale, l, softcap, window, noise, tau_init, tau_end, ...)
+    graph.slot_states += SlotState("kvevict.scores", layers=all)     # accumulated per slot
+    graph.policies += PolicySpec("kvevict", budget=..., recent_ratio=..., sinks=..., score=...)
+
+A method that does not score (StreamingLLM) leaves the graph's ops alone and only declares the policy.
+Prefill attends fully; the first eviction follows it, then one after every decode step, so the cache
+never holds more than the budget plus the step's own token.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.ops import cached_attention_op
+from tokenpass.ir.requests import PolicySpec, SlotState
+from tokenpass.methods.kvevict.budget import check_budget, check_ratio
+from tokenpass.methods.kvevict.ops import SCORES, scored_attention_op
+from tokenpass.methods.kvevict.policy import POLICY
+from tokenpass.passes.base import Miss, Pass, PassResult
+from tokenpass.passes.rewrite import replace_node
+
+
+class KVEviction(Pass):
+    """Subclasses are dataclasses with at least ``kv_budget``; they set ``scores`` and override
+    ``policy_options`` / ``score_options``."""
+
+    exact: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str]] = frozenset({"runtime_kv_cache"})
+    provides: ClassVar[frozenset[str]] = frozenset({"kv_eviction"})
+    phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
+    scores: ClassVar[bool] = True  # rank slots by the scored op's accumulated score (else by position)
+
+
+    def validate(self) -> None:
+        check_budget(self.name, self.kv_budget)
+        if hasattr(self, "recent_ratio"):
+            check_ratio(self.name, "recent_ratio", self.recent_ratio)
+
+    def policy_options(self) -> dict[str, object]:
+        """The ``kvevict`` policy's options (budget, recent window, sinks, what to rank by)."""
+        return {"budget": self.kv_budget, "score": "accumulated" if self.scores else "position"}
+
+    def score_options(self) -> tuple:
+        """``scored_attention``'s trailing arguments: noise, tau_init, tau_end, tau_horizon, seed."""
+        return (False, 1.0, 1.0, 0, 0)
+
+    def run(self, graph: TokenGraph) -> PassResult:
+        result = PassResult(self.name, graph)
+        if any(policy.name == POLICY for policy in graph.policies):
+            result.counts["already_applied"] = 1
+            return result
+        sites = graph.sites().attention
+        result.misses = [Miss(s.label, "attention on the runtime cache", f"op is {s.op}; run lower_kv_cache first")
+                         for s in sites if graph.node(s.node).target != cached_attention_op]
+        if not sites:
+            result.misses = [Miss(graph.label, "attention sites", "the graph has no attention to evict keys from")]
+        if result.misses:  # all or nothing: a layer left unscored would be ranked by a zero score
+            result.applicable = False
+            return result
+        if self.scores:
+            for site in sites:
+                node = graph.node(site.node)
+                args = (graph.node(site.query), graph.node(site.key), graph.node(site.value), site.scale, site.layer,
+                        site.softcap, site.window or 0, *self.score_options())
+                result.replaced[node.name] = replace_node(graph, node, scored_attention_op, args, self.name).name
+            graph.declare_slot_state(SlotState(SCORES, layers=tuple(s.layer for s in sites), dtype="float32"))
+        result.counts["scored_layers" if self.scores else "evicting_layers"] = len(sites)
+        graph.add_policy(PolicySpec.of(POLICY, **self.policy_options()))
+        result.modified = True
+        return result
+
+    def ensures(self, graph: TokenGraph) -> list[Miss]:
+        if any(policy.name == POLICY for policy in graph.policies):
+            return []
+        return [Miss(graph.label, "eviction policy declared", "no eviction policy on the graph")]
+
+
