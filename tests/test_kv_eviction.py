@@ -225,3 +225,15 @@ def test_noise_depends_only_on_positions_and_scores_sum_to_the_query_count():
                                                  query_positions=positions[None, 7:],
                                                  slot_positions=positions.expand(1, 2, 10))
     torch.testing.assert_close(contribution.sum(-1), torch.full((1, 2), 2 * 3.0))  # G queries x T rows each sum to 1
+
+
+def test_inspect_shows_the_scored_ops_the_score_state_and_the_policy():
+    from typer.testing import CliRunner
+
+    from tokenpass.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", "llama", "--passes", "keyformer:kv_budget=0.25"])
+    assert result.exit_code == 0, result.output
+    assert "tokenpass.scored_attention" in result.output and "scored_layers=4" in result.output
+    assert "slot state kvevict.scores (float32, slot_major, layers 0-3)" in result.output
+    assert "policy kvevict(budget=0.25, recent_ratio=0.3, score=accumulated)" in result.output

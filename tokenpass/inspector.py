@@ -151,7 +151,24 @@ def inspect_source(
     report = graph_report(graph)
     report["pipeline"] = [p.name for p in manager.passes]
     report["passes"] = [r.to_dict() for r in results]
+    report["runtime_requests"] = runtime_requests(graph)
     return report, graph
+
+
+def runtime_requests(graph: TokenGraph) -> list[str]:
+    """What the graph asks of the runtime, one line each: per-slot cache states and run-time policies."""
+    states = [f"slot state {s.name} ({s.dtype or 'cache dtype'}, {s.layout}, layers {_span(s.layers)})"
+              for s in graph.slot_states]
+    policies = [f"policy {p.name}(" + ", ".join(f"{k}={v}" for k, v in p.options) + ")" for p in graph.policies]
+    return states + policies
+
+
+def _span(layers: Sequence[int]) -> str:
+    """``0-29`` for a contiguous run of layers, else the list."""
+    layers = sorted(layers)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return ", ".join(map(str, layers))
 
 
 def picture(graph: TokenGraph, fmt: str) -> str | bytes:
@@ -175,6 +192,8 @@ def render_text(report: dict, console: Console, io: bool = False, ops: bool = Fa
                       f"({head['norm_kind']})", highlight=False)
     if report.get("pipeline"):
         console.print(f"passes run: {', '.join(report['pipeline'])}", highlight=False)
+    for line in report.get("runtime_requests", []):
+        console.print(f"runtime: {line}", highlight=False)
     sites = report["attention_sites"]
     if sites and "layer" in sites[0]:
         console.print(layers_table(sites, report.get("passes", [])))

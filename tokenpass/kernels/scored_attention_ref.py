@@ -29,7 +29,8 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values in ``[0, 2**32)``."""
+    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values in ``[0, 2**32)``: the small
+    per-query and per-key hashes."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -37,18 +38,38 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _to_int32(x: torch.Tensor) -> torch.Tensor:
+    """Values in ``[0, 2**32)`` (int64) as the int32 with the same bits."""
+    return (x - (x >= 2**31).long() * 2**32).to(torch.int32)
+
+
+def _mix_pairs(x: torch.Tensor) -> torch.Tensor:
+    """One multiply-xorshift round on int32, in place (wrapping multiplies, logical shifts): the full-size
+    step, kept to a few cheap passes because it runs over every (query, key) pair of a prefill."""
+    x.mul_(-1640531535)  # 0x9E3779B1 as int32
+    x.bitwise_xor_(x.bitwise_right_shift(15).bitwise_and_(0x1FFFF))
+    x.mul_(-2048144777)  # 0x85EBCA77 as int32
+    return x.bitwise_xor_(x.bitwise_right_shift(13).bitwise_and_(0x7FFFF))
+
+
 def gumbel_noise(seed: int, layer: int, query_positions: torch.Tensor, slot_positions: torch.Tensor,
                  query_heads: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise ``[B, Hkv, G, T, S]`` keyed by (seed, layer, query head, query and key position)."""
+    """Gumbel(0, 1) noise ``[B, Hkv, G, T, S]`` keyed by (seed, layer, query head, query and key position).
+
+    Each query (head and position) and each key position gets a full 32-bit hash once; their xor is mixed
+    once more per pair. Uniforms have 23 bits, so they are exact in fp32 and the noise is never infinite.
+    """
     b, hkv, s = slot_positions.shape
     group = query_heads // hkv
-    head = torch.arange(query_heads, device=slot_positions.device).view(1, hkv, group, 1, 1)
-    base = _mix32(torch.tensor((seed * 1_000_003 + layer) & _MASK32, device=slot_positions.device))
-    x = _mix32((base + head * 0x9E3779B9) & _MASK32)
-    x = _mix32((x + query_positions.view(b, 1, 1, -1, 1) * 0x85EBCA6B) & _MASK32)
-    x = _mix32((x + slot_positions.view(b, hkv, 1, 1, s) * 0xC2B2AE35) & _MASK32)
-    uniform = (x.to(torch.float64) + 0.5) / 2.0**32  # in (0, 1), never 0 or 1
-    return (-torch.log(-torch.log(uniform))).float()
+    device = slot_positions.device
+    head = torch.arange(query_heads, device=device).view(1, hkv, group, 1, 1)
+    base = _mix32(torch.tensor((seed * 1_000_003 + layer) & _MASK32, device=device))
+    per_query = _mix32((_mix32((base + head * 0x9E3779B9) & _MASK32)
+                        + query_positions.view(b, 1, 1, -1, 1) * 0x85EBCA6B) & _MASK32)
+    per_key = _mix32((slot_positions.view(b, hkv, 1, 1, s) * 0xC2B2AE35 + 0x27D4EB2F) & _MASK32)
+    bits = _mix_pairs(_to_int32(per_query) ^ _to_int32(per_key))
+    uniform = bits.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).float().add_(0.5).mul_(2.0**-23)  # in (0, 1)
+    return uniform.log_().neg_().log_().neg_()
 
 
 def scored_attention_reference(
