@@ -237,3 +237,44 @@ def test_inspect_shows_the_scored_ops_the_score_state_and_the_policy():
     assert "tokenpass.scored_attention" in result.output and "scored_layers=4" in result.output
     assert "slot state kvevict.scores (float32, slot_major, layers 0-3)" in result.output
     assert "policy kvevict(budget=0.25, recent_ratio=0.3, score=accumulated)" in result.output
+
+
+def test_smollm2_keyformer_at_half_the_prompt_keeps_quality_on_real_text(smollm2_optimized):
+    """Quality bound on real text: Keyformer keeping half of a 1024-token prompt's cache (measured over
+    128 tokens: ppl ratio 1.022, top-1 0.945; docs/benchmarks.md)."""
+    from tokenpass.api import fork, optimize_graphs
+    from tokenpass.bench import compare
+    from tokenpass.models import load_tokenizer
+    from tokenpass.texts import read_text, token_ids
+
+    ids = torch.tensor(token_ids(load_tokenizer(), read_text(), 1024 + 64)).view(1, -1)
+    prompt, cont = ids[:, :1024], ids[0, 1024:]
+    keyformer = optimize_graphs(fork(smollm2_optimized.graphs), [Keyformer(kv_budget=0.5)])
+    run = teacher_forced(keyformer, prompt, cont, "keyformer")
+    figures = compare(run, teacher_forced(smollm2_optimized, prompt, cont, "dense"), cont, 1024)
+    assert figures["ppl_ratio"] < 1.06 and figures["top1_agreement"] > 0.85, figures
+    assert figures["kl"] > 0  # eviction happened: the model is not the dense one
+    assert run.kv_bytes < 0.6 * (1024 + 64) * 30 * 3 * 64 * 2 * 4  # about half the dense cache's keys and values
+
+
+@pytest.mark.parametrize("noise,softcap", [(True, None), (False, 30.0)])
+def test_the_decode_kernel_with_its_scores_equals_the_reference(noise, softcap):
+    """The CUDA path (Triton decode kernel returning its scores, then the score's softmax), run here under
+    the Triton interpreter, against the torch reference: output and contribution."""
+    from tokenpass.kernels.decode_attention import decode_attention
+    from tokenpass.kernels.scored_attention_ref import score_contribution
+
+    g = torch.Generator().manual_seed(0)
+    query, keys, values = torch.randn(2, 6, 1, 16, generator=g), torch.randn(2, 2, 37, 16, generator=g), \
+        torch.randn(2, 2, 37, 16, generator=g)
+    valid = torch.rand(2, 2, 37, generator=g) > 0.3
+    valid[..., -1] = True
+    qpos, kpos = torch.tensor([[40], [52]]), torch.arange(37).expand(2, 2, 37) * 2
+    out, scores = decode_attention(query, keys, values, valid, 0.25, return_scores=True, softcap=softcap)
+    contribution = score_contribution(scores[:, :, :, None], 1.7, noise, 3, 5, qpos, kpos)
+    want_out, want = scored_attention_reference(query, keys, values, valid, 0.25, query_positions=qpos,
+                                                slot_positions=kpos, tau=1.7, noise=noise, seed=3, layer=5,
+                                                softcap=softcap)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(contribution, want, atol=1e-5, rtol=1e-5)
+    assert (contribution[~valid] == 0).all()

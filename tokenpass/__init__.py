@@ -6,16 +6,22 @@ from tokenpass.errors import CaptureError, PassError, PassOrderError, TokenpassE
 from tokenpass.finetune import finetune
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.methods.cutcrossentropy import CutCrossEntropy
+from tokenpass.methods.h2o import H2O
+from tokenpass.methods.keyformer import Keyformer
 from tokenpass.methods.skipdecode import SkipDecode
+from tokenpass.methods.streamingllm import StreamingLLM
 from tokenpass.methods.tidaldecode import TidalDecode
 from tokenpass.models import load, tiny
 
 __all__ = [
     "CaptureError",
     "CutCrossEntropy",
+    "H2O",
+    "Keyformer",
     "PassError",
     "PassOrderError",
     "SkipDecode",
+    "StreamingLLM",
     "TokenGraph",
     "TokenpassError",
     "TidalDecode",

@@ -103,19 +103,33 @@ def scored_attention_reference(
     outputs, contribution = [], torch.zeros((b, hkv, s), dtype=torch.float32, device=query.device)
     for start in range(0, t, QUERY_CHUNK):
         stop = min(t, start + QUERY_CHUNK)
-        q = query[:, :, start:stop].float().reshape(b, hkv, group, stop - start, d)
-        x = soft_cap(torch.matmul(q, keys.float()[:, :, None].transpose(-1, -2)) * scale, softcap)  # [B,Hkv,G,c,S]
+        c = stop - start
+        q = query[:, :, start:stop].float().reshape(b, hkv, group * c, d)  # the group folded into the rows:
+        x = torch.matmul(q, keys.float().transpose(-1, -2)).view(b, hkv, group, c, s)  # each K row read once
+        x = soft_cap(x * scale, softcap)
         visible = None if mask is None else mask[:, :, None, start:stop] if mask.shape[2] > 1 else mask[:, :, None]
         if visible is not None:
             x = x.masked_fill(~visible, float("-inf"))
-        outputs.append(torch.matmul(x.softmax(-1), values.float()[:, :, None]).reshape(b, hq, stop - start, -1))
-        if noise:
-            x = x + gumbel_noise(seed, layer, query_positions[:, start:stop], slot_positions, hq)
-        probs = (x / tau).softmax(-1) if tau != 1.0 or noise else x.softmax(-1)
-        if query_valid is not None:
-            probs = probs * query_valid[:, None, None, start:stop, None]
-        contribution += probs.sum((2, 3))
+        probs = x.softmax(-1).view(b, hkv, group * c, s)
+        outputs.append(torch.matmul(probs, values.float()).view(b, hq, c, -1))
+        contribution += score_contribution(
+            x, tau, noise, seed, layer, None if query_positions is None else query_positions[:, start:stop],
+            slot_positions, None if query_valid is None else query_valid[:, start:stop])
     return torch.cat(outputs, 2).to(query.dtype), contribution
+
+
+def score_contribution(scores: torch.Tensor, tau: float = 1.0, noise: bool = False, seed: int = 0, layer: int = 0,
+                       query_positions: torch.Tensor | None = None, slot_positions: torch.Tensor | None = None,
+                       query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum over G and T of softmax((x + g) / tau)`` ``[B, Hkv, S]`` from masked scaled scores ``x``
+    ``[B, Hkv, G, T, S]`` (dead slots at ``-inf``): what a decode kernel that returns its scores (written in
+    its one pass over K) needs to finish the score without reading K again."""
+    if noise:
+        scores = scores + gumbel_noise(seed, layer, query_positions, slot_positions, scores.shape[1] * scores.shape[2])
+    probs = (scores / tau).softmax(-1) if tau != 1.0 else scores.softmax(-1)
+    if query_valid is not None:
+        probs = probs * query_valid[:, None, None, :, None]
+    return probs.sum((2, 3))
 
 
 def temperature(tau_init: float, tau_end: float, step: int, horizon: int) -> float:
