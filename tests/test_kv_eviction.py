@@ -236,7 +236,7 @@ def test_inspect_shows_the_scored_ops_the_score_state_and_the_policy():
     assert result.exit_code == 0, result.output
     assert "tokenpass.scored_attention" in result.output and "scored_layers=4" in result.output
     assert "slot state kvevict.scores (float32, slot_major, layers 0-3)" in result.output
-    assert "policy kvevict(budget=0.25, recent_ratio=0.3, score=accumulated)" in result.output
+    assert "policy kvevict(budget=0.25, interval=1, recent_ratio=0.3, score=accumulated)" in result.output
 
 
 def test_smollm2_keyformer_at_half_the_prompt_keeps_quality_on_real_text(smollm2_optimized):
@@ -278,3 +278,21 @@ def test_the_decode_kernel_with_its_scores_equals_the_reference(noise, softcap):
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(contribution, want, atol=1e-5, rtol=1e-5)
     assert (contribution[~valid] == 0).all()
+
+
+def test_an_eviction_interval_bounds_the_cache_by_budget_plus_interval():
+    """With ``evict_interval=5`` a sequence holds at most budget + 4 slots, and exactly the budget right
+    after each eviction."""
+    model = tokenpass.tiny("llama")
+    optimized = tokenpass.optimize(model, passes=["h2o:kv_budget=20:evict_interval=5"])
+    session = optimized.session(1, capacity=64)
+    prompt = torch.arange(3, 43)[None]
+    session.step(prompt, torch.ones_like(prompt), positions_from_mask(torch.ones_like(prompt)))
+    per_head = model.config.num_key_value_heads * model.config.num_hidden_layers
+    live = [session.cache.live_tokens() // per_head]
+    for i in range(12):
+        session.step(torch.tensor([[7]]), torch.ones(1, 1), torch.tensor([[40 + i]]))
+        live.append(session.cache.live_tokens() // per_head)
+    assert live == [20, 21, 22, 23, 24, 20, 21, 22, 23, 24, 20, 21, 22]
+    with pytest.raises(PassError, match="evict_interval must be"):
+        Keyformer(evict_interval=0)

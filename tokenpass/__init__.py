@@ -11,6 +11,7 @@ from tokenpass.methods.keyformer import Keyformer
 from tokenpass.methods.skipdecode import SkipDecode
 from tokenpass.methods.streamingllm import StreamingLLM
 from tokenpass.methods.tidaldecode import TidalDecode
+from tokenpass.methods.tokenselect import TokenSelect
 from tokenpass.models import load, tiny
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "TokenGraph",
     "TokenpassError",
     "TidalDecode",
+    "TokenSelect",
     "TokenpassWarning",
     "capture",
     "finetune",

@@ -81,8 +81,9 @@ def speed(args) -> dict:
     turn, so all of them see the same context lengths (it grows by ``tokens`` a round)."""
     captured = capture(tokenpass.load("smollm2"))
     configs = {"dense": optimize_graphs(fork(captured), [])}
-    for method in args.methods:
-        configs[f"{method} {args.budget:.0%}"] = optimize_graphs(fork(captured), [f"{method}:kv_budget={args.budget}"])
+    for method in args.methods:  # a name, or a pass spec with options ("keyformer:evict_interval=16")
+        spec = method if "kv_budget" in method else f"{method}:kv_budget={args.budget}"
+        configs[spec] = optimize_graphs(fork(captured), [spec])
     ids = torch.randint(3, 40000, (1, args.context + args.tokens * args.rounds),
                         generator=torch.Generator().manual_seed(0))
     sessions = {name: _prefilled(optimized, ids, args.context) for name, optimized in configs.items()}

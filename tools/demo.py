@@ -19,6 +19,7 @@ PAPER = "tidaldecode:top_k=256:selection_layers=paper:per_kv_head=false:sparse_s
 CONFIGS = {
     "TidalDecode (tuned default)": ["tidaldecode"],
     "TidalDecode (paper, k=256)": [PAPER],
+    "Keyformer (KV cache: 25% of the prompt)": ["keyformer:kv_budget=0.25"],
 }
 
 

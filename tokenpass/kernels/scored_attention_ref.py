@@ -7,10 +7,10 @@ this reference computes the scores ``x = q . k * scale`` once and derives both t
 (``softmax(x) @ V``) and the score contribution ``sum softmax((x + g) / tau)`` from them.
 
 ``g`` is Gumbel noise (Keyformer's regularisation; ``noise=False`` for H2O or a noise-free Keyformer).
-It is a hash of (seed, layer, query head, query position, key position), not a draw from a generator:
-a row's noise then does not depend on the other rows of the batch, on its left padding or on where its
-slots sit in the cache, so a batch gives each row what it gets alone, and a kernel can compute the same
-noise without reading any.
+It is a function of (seed, layer, query head, query position, key position) only: a hash per pair for
+a prefill's many queries, a generator seeded by the query's position for a decode step. A row's noise
+then does not depend on the other rows of the batch, on its left padding or on where its slots sit in
+the cache, so a batch gives each row what it gets alone.
 
 Shapes: queries ``[B, Hq, T, D]``, keys/values ``[B, Hkv, S, D]``, visibility ``mask`` ``[B, Hkv, T, S]``
 (or ``[B, Hkv, S]`` for one query, or None: all visible), ``query_positions`` ``[B, T]``,
@@ -59,6 +59,8 @@ def gumbel_noise(seed: int, layer: int, query_positions: torch.Tensor, slot_posi
     Each query (head and position) and each key position gets a full 32-bit hash once; their xor is mixed
     once more per pair. Uniforms have 23 bits, so they are exact in fp32 and the noise is never infinite.
     """
+    if query_positions.shape[-1] == 1:
+        return _decode_noise(seed, layer, query_positions, slot_positions, query_heads)
     b, hkv, s = slot_positions.shape
     group = query_heads // hkv
     device = slot_positions.device
@@ -69,6 +71,26 @@ def gumbel_noise(seed: int, layer: int, query_positions: torch.Tensor, slot_posi
     per_key = _mix32((slot_positions.view(b, hkv, 1, 1, s) * 0xC2B2AE35 + 0x27D4EB2F) & _MASK32)
     bits = _mix_pairs(_to_int32(per_query) ^ _to_int32(per_key))
     uniform = bits.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).float().add_(0.5).mul_(2.0**-23)  # in (0, 1)
+    return uniform.log_().neg_().log_().neg_()
+
+
+def _decode_noise(seed: int, layer: int, query_positions: torch.Tensor, slot_positions: torch.Tensor,
+                  query_heads: int) -> torch.Tensor:
+    """One query per row: a generator seeded by (seed, layer, the query's position) draws one uniform per
+    query head and key position up to the query's, and each slot reads its key position's. A decode
+    step then costs a few ops per layer instead of a pair hash over every slot, and the noise is still a
+    function of positions only (a row gets the same alone and in any batch, wherever its slots sit)."""
+    b, hkv, s = slot_positions.shape
+    group = query_heads // hkv
+    rows = []
+    for row in range(b):
+        position = int(query_positions[row, 0])
+        generator = torch.Generator(device=slot_positions.device)
+        generator.manual_seed(((seed * 1_000_003 + layer) * 1_000_033 + position) & (2**63 - 1))
+        uniform = torch.rand((hkv, group, position + 1), generator=generator, device=slot_positions.device)
+        index = slot_positions[row].clamp(0, position)[:, None, :].expand(hkv, group, s)
+        rows.append(uniform.gather(2, index))
+    uniform = torch.stack(rows).clamp_(min=2.0**-24).unsqueeze(3)  # [B, Hkv, G, 1, S], never 0
     return uniform.log_().neg_().log_().neg_()
 
 

@@ -10,4 +10,5 @@ from tokenpass.methods import (  # noqa: F401 - registration
     skipdecode,
     streamingllm,
     tidaldecode,
+    tokenselect,
 )

@@ -256,8 +256,9 @@ class KVCache:
         if moved == 0:
             return
         spare = length - 1  # pairs past a head's own count copy this slot onto itself: it is dropped anyway
-        src = torch.where(movers, index, length + index).sort(-1).values[..., :moved]
-        dst = torch.where(holes, index, length + index).sort(-1).values[..., :moved]
+        # the ``moved`` first movers and holes of each head (a top-k of a few, not a sort of every slot)
+        src = torch.where(movers, index, length + index).topk(moved, dim=-1, largest=False).values
+        dst = torch.where(holes, index, length + index).topk(moved, dim=-1, largest=False).values
         real = src < length
         src, dst = src.where(real, spare), dst.where(real, spare)
         rows = src.unsqueeze(-1).expand(-1, -1, -1, cache.keys.shape[-1])

@@ -20,7 +20,6 @@ class H2O(KVEviction):
 
     name: ClassVar[str] = "h2o"
 
-    kv_budget: int | float = 0.6
     recent_ratio: float = 0.5
 
     def policy_options(self) -> dict[str, object]:

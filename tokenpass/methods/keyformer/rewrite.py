@@ -30,7 +30,6 @@ class Keyformer(KVEviction):
 
     name: ClassVar[str] = "keyformer"
 
-    kv_budget: int | float = 0.6
     recent_ratio: float = 0.3
     tau_init: float = 1.0
     tau_end: float = 2.0

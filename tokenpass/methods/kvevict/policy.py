@@ -6,7 +6,8 @@ its sequence's budget, the candidates with the lowest score go: the accumulated 
 op wrote (Keyformer, H2O) or, with ``score="position"``, the oldest (StreamingLLM). Eviction is
 cumulative (a dropped slot never returns) and physical (``KVCache.retain`` compacts and frees memory).
 
-Budgets are fixed from the prompt when it ends: a fraction of each row's own prompt, or a count.
+Budgets are fixed from the prompt when it ends: a fraction of each row's own prompt, or a count. With
+``interval`` > 1 decode steps evict only every ``interval``-th step (the prompt's end always evicts).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ class Evict(Policy):
     name: ClassVar[str] = POLICY
 
     def __init__(self, budget: float | int, recent_ratio: float = 0.0, sinks: int = 0,
-                 score: Literal["accumulated", "position"] = "accumulated"):
+                 score: Literal["accumulated", "position"] = "accumulated", interval: int = 1):
         self.budget, self.recent_ratio, self.sinks, self.score = budget, recent_ratio, sinks, score
+        self.interval = interval
         self.prompt_lengths: torch.Tensor | None = None
 
     def after_step(self, session, step: Step) -> None:
@@ -41,6 +43,8 @@ class Evict(Policy):
             self.prompt_lengths = lengths if self.prompt_lengths is None else self.prompt_lengths + lengths
             cache.notes[PROMPT_END] = cache.sequence_length
             cache.notes[BUDGETS] = row_budgets(self.budget, self.prompt_lengths)
+        elif (cache.sequence_length - int(cache.notes.get(PROMPT_END, 0))) % self.interval:
+            return  # between evictions (evict_interval > 1)
         budgets = cache.notes.get(BUDGETS)
         if budgets is None:  # decode without a prompt step (not reachable through generate)
             budgets = cache.notes[BUDGETS] = row_budgets(self.budget, step.token_valid.long().sum(1))

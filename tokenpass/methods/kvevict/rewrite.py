@@ -22,8 +22,10 @@ never holds more than the budget plus the step's own token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
+from tokenpass.errors import PassError
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.ir.ops import cached_attention_op
 from tokenpass.ir.requests import PolicySpec, SlotState
@@ -34,9 +36,14 @@ from tokenpass.passes.base import Miss, Pass, PassResult
 from tokenpass.passes.rewrite import replace_node
 
 
+@dataclass(repr=True)
 class KVEviction(Pass):
-    """Subclasses are dataclasses with at least ``kv_budget``; they set ``scores`` and override
-    ``policy_options`` / ``score_options``."""
+    """Subclasses are dataclasses (their fields come after these two); they set ``scores`` and override
+    ``policy_options`` / ``score_options``.
+
+    ``evict_interval``: decode steps between evictions (1: every step, the papers' rule). A larger value
+    lets a sequence hold up to ``kv_budget + evict_interval - 1`` slots between evictions (still bounded)
+    and spreads eviction's fixed per-layer cost over that many steps."""
 
     exact: ClassVar[bool] = False
     requires: ClassVar[frozenset[str]] = frozenset({"runtime_kv_cache"})
@@ -44,15 +51,22 @@ class KVEviction(Pass):
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     scores: ClassVar[bool] = True  # rank slots by the scored op's accumulated score (else by position)
 
+    kv_budget: int | float = 0.6
+    evict_interval: int = 1
+
 
     def validate(self) -> None:
         check_budget(self.name, self.kv_budget)
+        if self.evict_interval < 1:
+            raise PassError(f"{self.name}: evict_interval must be a positive number of decode steps, "
+                            f"got {self.evict_interval!r}")
         if hasattr(self, "recent_ratio"):
             check_ratio(self.name, "recent_ratio", self.recent_ratio)
 
     def policy_options(self) -> dict[str, object]:
         """The ``kvevict`` policy's options (budget, recent window, sinks, what to rank by)."""
-        return {"budget": self.kv_budget, "score": "accumulated" if self.scores else "position"}
+        return {"budget": self.kv_budget, "score": "accumulated" if self.scores else "position",
+                "interval": self.evict_interval}
 
     def score_options(self) -> tuple:
         """``scored_attention``'s trailing arguments: noise, tau_init, tau_end, tau_horizon, seed."""

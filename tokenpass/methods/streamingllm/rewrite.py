@@ -21,7 +21,6 @@ class StreamingLLM(KVEviction):
     name: ClassVar[str] = "streamingllm"
     scores: ClassVar[bool] = False
 
-    kv_budget: int | float = 0.6
     sinks: int = 4
 
     def validate(self) -> None:

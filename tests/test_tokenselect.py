@@ -1,0 +1,130 @@
+"""TokenSelect: exactness when the parts cover the cache, a masked reference, batches, cache hits, errors."""
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+
+import tokenpass
+from tokenpass.bench import teacher_forced
+from tokenpass.errors import PassError
+from tokenpass.methods.tokenselect import HITS, LOOKUPS, TokenSelect
+from tokenpass.models import TINY_FAMILIES
+from tokenpass.runtime.generate import positions_from_mask
+
+from conftest import hf_greedy, padded_batch
+
+
+def report(optimized, phase: str = "decode"):
+    return next(r for r in optimized.reports[phase] if r.pass_name == "tokenselect")
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES[:3])
+def test_parts_covering_the_cache_reproduce_dense_greedy(family):
+    model = tokenpass.tiny(family)
+    optimized = tokenpass.optimize(model, passes=["tokenselect:top_k=64:n_local=8"])
+    assert report(optimized).counts == {"selecting_layers": model.config.num_hidden_layers}
+    ids, mask = padded_batch(model.config.vocab_size, length=30, pad=7)
+    assert torch.equal(optimized.generate(ids, mask, max_new_tokens=24), hf_greedy(model, ids, mask, 24))
+
+
+class _MaskedTokenSelectReference:
+    """TokenSelect written plainly as HF attention (batch 1): candidates scored by every query head,
+    soft-voted, the top_k plus the first and the recent tokens kept, the rest masked; the selection
+    cache compares the flattened query with the one that made the layer's last selection."""
+
+    def __init__(self, n_init: int, n_local: int, top_k: int, theta: float | None):
+        self.n_init, self.n_local, self.top_k, self.theta = n_init, n_local, top_k, theta
+        self.stored, self.lookups, self.hits = {}, 0, 0
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        s = key.shape[2]
+        if query.shape[2] > 1 or self.n_init + self.top_k + self.n_local >= s:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        group = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        scores = (query @ k.transpose(-1, -2)) * scaling  # [1, H, 1, S]
+        positions = torch.arange(s)
+        fixed = (positions < self.n_init) | (positions > s - 1 - self.n_local)
+        layer, flat = module.layer_idx, query.reshape(-1)
+        stored = self.stored.get(layer)
+        self.lookups += 1
+        if stored is not None and self.theta is not None and \
+                torch.nn.functional.cosine_similarity(flat, stored[0], dim=0) >= self.theta:
+            self.hits += 1
+            selected = stored[1]
+        else:
+            votes = scores.masked_fill(fixed, float("-inf")).softmax(-1).sum((0, 1, 2))
+            selected = votes.masked_fill(fixed, float("-inf")).topk(self.top_k).indices
+            self.stored[layer] = (flat, selected)
+        keep = fixed.clone()
+        keep[selected] |= ~fixed[selected]
+        scores = scores.masked_fill(~keep, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("theta", [None, 0.3], ids=["no-selection-cache", "selection-cache"])
+def test_logits_equal_a_masked_attention_reference_step_by_step(theta):
+    model = tokenpass.tiny("qwen2")
+    context, steps = 48, 14
+    ids = torch.randint(3, 300, (1, context + steps), generator=torch.Generator().manual_seed(4))
+    spec = f"tokenselect:top_k=6:n_init=2:n_local=5:theta={theta}"
+    optimized = tokenpass.optimize(model, passes=[spec])
+    session = optimized.session(1, capacity=context + steps)
+    positions = positions_from_mask(torch.ones_like(ids[:, :context]))
+    got = [session.step(ids[:, :context], torch.ones_like(ids[:, :context]), positions)[0, -1].log_softmax(-1)]
+    for i in range(steps - 1):
+        logits = session.step(ids[:, context + i : context + i + 1], torch.ones(1, 1), torch.tensor([[context + i]]))
+        got.append(logits[0, -1].log_softmax(-1))
+    reference = _MaskedTokenSelectReference(2, 5, 6, theta)
+    AttentionInterface.register("tokenselect_reference", reference)
+    model.set_attn_implementation("tokenselect_reference")
+    try:
+        cache, want = DynamicCache(), []
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+            want.append(out.logits[0, -1].log_softmax(-1))
+            for i in range(steps - 1):
+                out = model(input_ids=ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True)
+                want.append(out.logits[0, -1].log_softmax(-1))
+    finally:
+        model.set_attn_implementation("sdpa")
+    got, want = torch.stack(got), torch.stack(want)
+    dense = teacher_forced(tokenpass.optimize(model), ids[:, :context], ids[0, context:], "dense").logprobs
+    assert (dense - want).abs().max() > 1e-2  # selection really changes the predictions ...
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # ... exactly as the method says
+    assert session.cache.notes[LOOKUPS] == reference.lookups
+    assert session.cache.notes[HITS] == reference.hits
+    assert (reference.hits > 0) == (theta is not None)
+
+
+def test_a_ragged_left_padded_batch_gives_each_row_what_it_gives_alone():
+    model = tokenpass.tiny("llama")
+    optimized = tokenpass.optimize(model, passes=["tokenselect:top_k=6:n_init=2:n_local=5:theta=0.5"])
+    lengths = [30, 21, 26]
+    generator = torch.Generator().manual_seed(2)
+    rows = [torch.randint(3, 300, (n,), generator=generator) for n in lengths]
+    ids = torch.zeros(3, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, -len(row):], mask[r, -len(row):] = row, 1
+    batch = optimized.generate(ids, mask, max_new_tokens=20)[:, -20:]
+    for r, row in enumerate(rows):
+        assert torch.equal(batch[r], optimized.generate(row[None], max_new_tokens=20)[0, -20:]), f"row {r}"
+
+
+def test_second_application_is_a_no_op_and_prefill_is_untouched():
+    optimized = tokenpass.optimize(tokenpass.tiny("llama"), passes=["tokenselect", "tokenselect"])
+    reports = [r for r in optimized.reports["decode"] if r.pass_name == "tokenselect"]
+    assert reports[0].counts == {"selecting_layers": 4} and reports[1].counts == {"already_applied": 1}
+    assert report(optimized, "prefill").skipped
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(top_k=0), "top_k must be"), (dict(n_init=-1), "n_init must be"), (dict(n_local=0), "n_local must be"),
+    (dict(theta=1.5), r"theta must be in \[0, 1\]"), (dict(theta=-0.1), r"theta must be in \[0, 1\]"),
+])
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(PassError, match=message):
+        TokenSelect(**options)

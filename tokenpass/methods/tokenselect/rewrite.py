@@ -1,0 +1,92 @@
+"""TokenSelect: each decode step attends to the first tokens, the top-k soft-voted ones and the recent ones.
+
+Nothing is evicted (memory does not fall); each step reads fewer keys and values. Per layer and
+sequence, candidates are the slots between the first ``n_init`` and the last ``n_local`` positions;
+every query head scores them (``q . k`` times the layer's scale), the heads vote with their softmax
+probabilities, and the ``top_k`` best are read with the fixed ones. The selection cache reuses a
+layer's last selection while the new query's cosine similarity to the query that made it is at least
+``theta`` (``theta=None``: always select); the cache notes count lookups and hits.
+
+Before (decode, after ``lower_kv_cache``)::
+
+    out_l = tokenpass.cached_attention(q_l, k_l, v_l, scale, l)
+
+After::
+
+    out_l = tokenpass.token_select_attention(q_l, k_l, v_l, scale, l, n_init, n_local, top_k, theta)
+
+Sliding-window layers stay windowed-dense (a window already bounds what they read). Keys keep their
+original positions; the paper's contiguous re-positioning (its length-extrapolation claim) is not built.
+Defaults are scaled to a small model: n_init 4, n_local 128, top_k 512.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tokenpass.errors import PassError
+from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.ops import cached_attention_op
+from tokenpass.methods.tokenselect.ops import token_select_attention_op
+from tokenpass.passes.base import Miss, Pass, PassResult
+from tokenpass.passes.registry import register
+from tokenpass.passes.rewrite import replace_node
+
+NEVER = 2.0  # a cosine threshold no query reaches: the selection cache off
+
+
+@register
+@dataclass(repr=True)
+class TokenSelect(Pass):
+    name: ClassVar[str] = "tokenselect"
+    exact: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str]] = frozenset({"runtime_kv_cache"})
+    provides: ClassVar[frozenset[str]] = frozenset({"token_selection"})
+    phases: ClassVar[tuple[str, ...]] = ("decode",)
+
+    top_k: int = 512
+    n_init: int = 4
+    n_local: int = 128
+    theta: float | None = 0.9
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise PassError(f"tokenselect: top_k must be a positive integer, got {self.top_k!r}")
+        if self.n_init < 0:
+            raise PassError(f"tokenselect: n_init must be a non-negative integer, got {self.n_init!r}")
+        if self.n_local < 1:
+            raise PassError(f"tokenselect: n_local must be at least 1 (the step's own token), got {self.n_local!r}")
+        if self.theta is not None and not 0 <= self.theta <= 1:
+            raise PassError(f"tokenselect: theta must be in [0, 1] (a cosine similarity) or None, got {self.theta!r}")
+
+    def run(self, graph: TokenGraph) -> PassResult:
+        result = PassResult(self.name, graph)
+        sites = graph.sites().attention
+        if any(graph.node(s.node).target == token_select_attention_op for s in sites):
+            result.counts["already_applied"] = 1
+            return result
+        result.misses = [Miss(s.label, "attention on the runtime cache", f"op is {s.op}; run lower_kv_cache first")
+                         for s in sites if graph.node(s.node).target != cached_attention_op]
+        if not sites:
+            result.misses = [Miss(graph.label, "attention sites", "the graph has no attention to select keys for")]
+        if result.misses:
+            result.applicable = False
+            return result
+        theta = NEVER if self.theta is None else self.theta
+        for site in sites:
+            if site.window:
+                result.counts["windowed_dense_layers"] += 1
+                continue
+            node = graph.node(site.node)
+            args = (graph.node(site.query), graph.node(site.key), graph.node(site.value), site.scale, site.layer,
+                    self.n_init, self.n_local, self.top_k, theta, site.softcap)
+            result.replaced[node.name] = replace_node(graph, node, token_select_attention_op, args, self.name).name
+            result.counts["selecting_layers"] += 1
+        result.modified = bool(result.replaced)
+        return result
+
+    def ensures(self, graph: TokenGraph) -> list[Miss]:
+        if any(graph.node(s.node).target == token_select_attention_op for s in graph.sites().attention):
+            return []
+        return [Miss(graph.label, "a selecting layer", "no full-attention layer was rewritten")]

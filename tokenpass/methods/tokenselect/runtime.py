@@ -1,0 +1,67 @@
+"""Runtime implementation of ``token_select_attention`` over the active KV cache (torch on CPU; CUDA
+attention through the shared sparse decode kernel).
+
+Per sequence: the first ``n_init`` positions and the last ``n_local`` (the step's own token included)
+are always read; of the slots between, the ``top_k`` with the highest soft vote (``soft_vote``). The
+selection cache keeps, per layer, the query that made the last selection and that selection; while a
+row's new query has cosine similarity >= ``theta`` with it, the row reuses it and nothing is scored
+(the local window still moves with the sequence). Dense when the three parts cover every live token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenpass.kernels.token_select_ref import soft_vote
+from tokenpass.methods.tokenselect.ops import HITS, LOOKUPS, SELECTION_CACHE, TOKEN_SELECT_ATTENTION
+from tokenpass.runtime.context import active_cache
+from tokenpass.runtime.kv_cache import KVCache
+from tokenpass.runtime.ops import attend_cache, attend_slots, count_read, staged
+
+
+@torch.library.impl(TOKEN_SELECT_ATTENTION, "CompositeExplicitAutograd")
+def token_select_attention(query, key_new, value_new, scale, layer, n_init, n_local, top_k, theta, softcap=None):
+    cache = active_cache()
+    keys, values, valid = staged(layer, key_new, value_new)
+    live = keys.shape[2] if valid is None else int(valid.sum(-1).max())
+    if n_init + top_k + n_local >= live:  # the parts cover everything: dense, exactly
+        count_read(keys, values)
+        return attend_cache(query, keys, values, valid, scale, softcap).contiguous()
+    positions = cache.layers[layer].positions[:, 0, : keys.shape[2]]  # [B, S]: every head holds every token
+    live_slots = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid[:, 0]
+    last = cache.step_positions[:, -1:]  # [B, 1]
+    fixed = live_slots & ((positions < n_init) | (positions > last - n_local))
+    candidates = live_slots & ~fixed
+    selected = _selection(cache, layer, query, keys, candidates, scale, top_k, theta, softcap)  # [B, top_k]
+    chosen = fixed | torch.zeros_like(fixed).scatter_(1, selected, candidates.gather(1, selected))
+    count = n_init + top_k + n_local - 1  # past slots read (the own token comes on top)
+    slots = chosen[:, :-1].float().topk(min(count, keys.shape[2] - 1), dim=-1).indices  # chosen ones first
+    heads = keys.shape[1]
+    read_valid = chosen[:, None, :].expand(-1, heads, -1)  # extras picked past a short row's choice: masked
+    if valid is not None:
+        read_valid = read_valid & valid
+    out = attend_slots(query, keys, values, read_valid, slots[:, None, :].expand(-1, heads, -1), scale, softcap)
+    return out.contiguous()
+
+
+def _selection(cache: KVCache, layer: int, query, keys, candidates, scale: float, top_k: int, theta: float,
+               softcap) -> torch.Tensor:
+    """The ``top_k`` candidate slots by soft vote, ``[B, top_k]``; rows whose query is close to the one
+    that made the layer's last selection reuse that selection (counted in the cache's notes)."""
+    flat = query.reshape(query.shape[0], -1).float()
+    stored = cache.notes.setdefault(SELECTION_CACHE, {}).get(layer)
+    hit = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+    if stored is not None and theta <= 1 and stored[1].shape[-1] == min(top_k, candidates.shape[-1]):
+        hit = torch.nn.functional.cosine_similarity(flat, stored[0], dim=-1) >= theta
+    cache.notes[LOOKUPS] = int(cache.notes.get(LOOKUPS, 0)) + flat.shape[0]
+    cache.notes[HITS] = int(cache.notes.get(HITS, 0)) + int(hit.sum())
+    if bool(hit.all()):
+        return stored[1]
+    count_read(keys)
+    votes = soft_vote(query, keys, candidates, scale, softcap)
+    fresh = votes.masked_fill(~candidates, float("-inf")).topk(min(top_k, votes.shape[-1]), dim=-1).indices
+    if stored is not None and bool(hit.any()):
+        fresh = torch.where(hit[:, None], stored[1], fresh)
+        flat = torch.where(hit[:, None], stored[0], flat)
+    cache.notes[SELECTION_CACHE][layer] = (flat, fresh)
+    return fresh
