@@ -81,3 +81,38 @@ def hf_recompute_greedy(model, ids, mask, new_tokens):
             logits = model(input_ids=tokens, attention_mask=full, position_ids=positions_from_mask(full)).logits
         tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return tokens
+
+
+def hf_reference_logprobs(model, ids, context: int, steps: int, name: str, attention) -> torch.Tensor:
+    """Next-token log-probabilities ``[steps, V]`` of the HF model with ``attention`` registered as its
+    attention function: prefill ``ids[:, :context]``, then one decode step per token through HF's own
+    cache (how the methods' masked references run)."""
+    from transformers import AttentionInterface, DynamicCache
+
+    AttentionInterface.register(name, attention)
+    model.set_attn_implementation(name)
+    try:
+        cache, rows = DynamicCache(), []
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+            rows.append(out.logits[0, -1].log_softmax(-1))
+            for i in range(steps - 1):
+                out = model(input_ids=ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True)
+                rows.append(out.logits[0, -1].log_softmax(-1))
+    finally:
+        model.set_attn_implementation("sdpa")
+    return torch.stack(rows)
+
+
+def assert_ragged_rows_equal_alone(optimized, lengths=(30, 21, 26), new_tokens: int = 20, seed: int = 2) -> None:
+    """A left-padded batch of ragged prompts gives each row the tokens that row gets alone."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, 300, (n,), generator=generator) for n in lengths]
+    ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, -len(row):], mask[r, -len(row):] = row, 1
+    batch = optimized.generate(ids, mask, max_new_tokens=new_tokens)[:, -new_tokens:]
+    for r, row in enumerate(rows):
+        alone = optimized.generate(row[None], max_new_tokens=new_tokens)[0, -new_tokens:]
+        assert torch.equal(batch[r], alone), f"row {r} differs from the row run alone"

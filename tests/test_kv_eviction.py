@@ -4,7 +4,6 @@ import itertools
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
 
 import tokenpass
 from tokenpass.bench import teacher_forced
@@ -16,7 +15,7 @@ from tokenpass.methods.streamingllm import StreamingLLM
 from tokenpass.models import TINY_FAMILIES
 from tokenpass.runtime.generate import positions_from_mask
 
-from conftest import hf_greedy, padded_batch
+from conftest import assert_ragged_rows_equal_alone, hf_greedy, hf_reference_logprobs, padded_batch
 
 METHODS = ["keyformer", "h2o", "streamingllm"]
 
@@ -107,19 +106,8 @@ def test_logits_equal_a_masked_attention_reference_step_by_step(case):
     got = teacher_forced(optimized, ids[:, :context], ids[0, context:], case).logprobs
     budget = 20 if case == "streamingllm" else 0.5
     seed = 3 if "seed=3" in spec else 0
-    AttentionInterface.register("eviction_reference", _MaskedEvictionReference(budget, seed=seed, **options))
-    model.set_attn_implementation("eviction_reference")
-    try:
-        cache, want = DynamicCache(), []
-        with torch.no_grad():
-            out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
-            want.append(out.logits[0, -1].log_softmax(-1))
-            for i in range(steps - 1):
-                out = model(input_ids=ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True)
-                want.append(out.logits[0, -1].log_softmax(-1))
-    finally:
-        model.set_attn_implementation("sdpa")
-    want = torch.stack(want)
+    want = hf_reference_logprobs(model, ids, context, steps, "eviction_reference",
+                                 _MaskedEvictionReference(budget, seed=seed, **options))
     dense = teacher_forced(tokenpass.optimize(model), ids[:, :context], ids[0, context:], "dense").logprobs
     assert (dense - want).abs().max() > 1e-2  # eviction really changes the predictions ...
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # ... exactly as the method says
@@ -129,17 +117,7 @@ def test_logits_equal_a_masked_attention_reference_step_by_step(case):
 def test_a_ragged_left_padded_batch_gives_each_row_what_it_gives_alone(method):
     model = tokenpass.tiny("llama")
     optimized = tokenpass.optimize(model, passes=[f"{method}:kv_budget=0.5"])
-    lengths = [30, 21, 26]
-    generator = torch.Generator().manual_seed(2)
-    rows = [torch.randint(3, 300, (n,), generator=generator) for n in lengths]
-    ids = torch.zeros(3, max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        ids[r, -len(row):], mask[r, -len(row):] = row, 1
-    batch = optimized.generate(ids, mask, max_new_tokens=20)[:, -20:]
-    for r, row in enumerate(rows):
-        alone = optimized.generate(row[None], max_new_tokens=20)[:, -20:]
-        assert torch.equal(batch[r], alone[0]), f"row {r}"
+    assert_ragged_rows_equal_alone(optimized)
 
 
 def test_eviction_is_physical_and_memory_stays_flat_over_a_long_generation():

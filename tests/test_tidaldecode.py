@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
+
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from typer.testing import CliRunner
 
@@ -14,7 +14,7 @@ from tokenpass.ir.requests import PolicySpec
 from tokenpass.passes import PassManager, make_pass
 from tokenpass.methods.tidaldecode import TidalDecode, named_selection_layers, paper_selection_layers
 
-from conftest import hf_greedy, padded_batch
+from conftest import hf_greedy, hf_reference_logprobs, padded_batch
 
 DENSE_SPARSE = "tidaldecode:top_k=4096:selection_layers=2"  # layer 3 reads layer 2's selection
 
@@ -94,20 +94,8 @@ def test_logits_equal_a_masked_attention_reference_step_by_step(per_kv_head, spa
     optimized = tokenpass.optimize(model, passes=[spec])
     got = teacher_forced(optimized, ids[:, :context], ids[0, context:], "tidal").logprobs
 
-    AttentionInterface.register("tidal_reference", _MaskedTidalReference(
+    want = hf_reference_logprobs(model, ids, context, steps, "tidal_reference", _MaskedTidalReference(
         5, 1, [1, 3], per_kv_head, sparse_output, score_dtype, channels_of(score_fraction, model)))
-    model.set_attn_implementation("tidal_reference")
-    try:
-        cache, want = DynamicCache(), []
-        with torch.no_grad():
-            out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
-            want.append(out.logits[0, -1].log_softmax(-1))
-            for i in range(steps - 1):
-                out = model(input_ids=ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True)
-                want.append(out.logits[0, -1].log_softmax(-1))
-    finally:
-        model.set_attn_implementation("sdpa")
-    want = torch.stack(want)
     dense = teacher_forced(tokenpass.optimize(model), ids[:, :context], ids[0, context:], "dense").logprobs
     assert (dense - want).abs().max() > 1e-2  # the sparsity really changes the predictions ...
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # ... exactly as the method says

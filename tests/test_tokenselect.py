@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
 
 import tokenpass
 from tokenpass.bench import teacher_forced
@@ -11,7 +10,7 @@ from tokenpass.methods.tokenselect import HITS, LOOKUPS, TokenSelect
 from tokenpass.models import TINY_FAMILIES
 from tokenpass.runtime.generate import positions_from_mask
 
-from conftest import hf_greedy, padded_batch
+from conftest import assert_ragged_rows_equal_alone, hf_greedy, hf_reference_logprobs, padded_batch
 
 
 def report(optimized, phase: str = "decode"):
@@ -78,19 +77,8 @@ def test_logits_equal_a_masked_attention_reference_step_by_step(theta):
         logits = session.step(ids[:, context + i : context + i + 1], torch.ones(1, 1), torch.tensor([[context + i]]))
         got.append(logits[0, -1].log_softmax(-1))
     reference = _MaskedTokenSelectReference(2, 5, 6, theta)
-    AttentionInterface.register("tokenselect_reference", reference)
-    model.set_attn_implementation("tokenselect_reference")
-    try:
-        cache, want = DynamicCache(), []
-        with torch.no_grad():
-            out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
-            want.append(out.logits[0, -1].log_softmax(-1))
-            for i in range(steps - 1):
-                out = model(input_ids=ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True)
-                want.append(out.logits[0, -1].log_softmax(-1))
-    finally:
-        model.set_attn_implementation("sdpa")
-    got, want = torch.stack(got), torch.stack(want)
+    want = hf_reference_logprobs(model, ids, context, steps, "tokenselect_reference", reference)
+    got = torch.stack(got)
     dense = teacher_forced(tokenpass.optimize(model), ids[:, :context], ids[0, context:], "dense").logprobs
     assert (dense - want).abs().max() > 1e-2  # selection really changes the predictions ...
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)  # ... exactly as the method says
@@ -102,16 +90,7 @@ def test_logits_equal_a_masked_attention_reference_step_by_step(theta):
 def test_a_ragged_left_padded_batch_gives_each_row_what_it_gives_alone():
     model = tokenpass.tiny("llama")
     optimized = tokenpass.optimize(model, passes=["tokenselect:top_k=6:n_init=2:n_local=5:theta=0.5"])
-    lengths = [30, 21, 26]
-    generator = torch.Generator().manual_seed(2)
-    rows = [torch.randint(3, 300, (n,), generator=generator) for n in lengths]
-    ids = torch.zeros(3, max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        ids[r, -len(row):], mask[r, -len(row):] = row, 1
-    batch = optimized.generate(ids, mask, max_new_tokens=20)[:, -20:]
-    for r, row in enumerate(rows):
-        assert torch.equal(batch[r], optimized.generate(row[None], max_new_tokens=20)[0, -20:]), f"row {r}"
+    assert_ragged_rows_equal_alone(optimized)
 
 
 def test_second_application_is_a_no_op_and_prefill_is_untouched():
@@ -128,3 +107,21 @@ def test_second_application_is_a_no_op_and_prefill_is_untouched():
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(PassError, match=message):
         TokenSelect(**options)
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_the_vote_kernel_equals_the_reference(softcap):
+    """The Triton soft vote (run here under the interpreter) against the torch reference, GQA, with rows
+    whose candidates differ and one row without any."""
+    from tokenpass.kernels.token_select_ref import soft_vote
+    from tokenpass.kernels.token_select_vote import soft_vote_kernel
+
+    g = torch.Generator().manual_seed(1)
+    query, keys = torch.randn(3, 6, 1, 16, generator=g), torch.randn(3, 2, 150, 16, generator=g)
+    candidates = torch.rand(3, 150, generator=g) > 0.4
+    candidates[2] = False
+    got = soft_vote_kernel(query, keys, candidates, 0.25, softcap)
+    want = soft_vote(query, keys, candidates, 0.25, softcap)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:2].sum(-1), torch.full((2,), 6.0))  # six heads, each a distribution
+    assert (got[2] == 0).all() and (got[~candidates] == 0).all()

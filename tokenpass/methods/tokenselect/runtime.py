@@ -1,5 +1,5 @@
-"""Runtime implementation of ``token_select_attention`` over the active KV cache (torch on CPU; CUDA
-attention through the shared sparse decode kernel).
+"""Runtime implementation of ``token_select_attention`` over the active KV cache: torch references on the
+CPU; on CUDA the Triton soft-vote kernel and the sparse decode kernel TidalDecode uses too.
 
 Per sequence: the first ``n_init`` positions and the last ``n_local`` (the step's own token included)
 are always read; of the slots between, the ``top_k`` with the highest soft vote (``soft_vote``). The
@@ -58,7 +58,12 @@ def _selection(cache: KVCache, layer: int, query, keys, candidates, scale: float
     if bool(hit.all()):
         return stored[1]
     count_read(keys)
-    votes = soft_vote(query, keys, candidates, scale, softcap)
+    if query.is_cuda:  # the Triton vote: one pass over K, no values
+        from tokenpass.kernels.token_select_vote import soft_vote_kernel
+
+        votes = soft_vote_kernel(query, keys, candidates, scale, softcap)
+    else:
+        votes = soft_vote(query, keys, candidates, scale, softcap)
     fresh = votes.masked_fill(~candidates, float("-inf")).topk(min(top_k, votes.shape[-1]), dim=-1).indices
     if stored is not None and bool(hit.any()):
         fresh = torch.where(hit[:, None], stored[1], fresh)

@@ -1,0 +1,124 @@
+"""TokenSelect on SmolLM2: quality at a long context, the selection cache's hit rate, and attention time.
+
+    python tools/bench_tokenselect.py quality [--context 4096] [--continuation 256] [--thetas none,0.9]
+    python tools/bench_tokenselect.py attention [--context 8000] [--tokens 16] [--thetas none,0.9]
+
+Quality follows the ``tokenpass bench`` protocol (teacher-forced continuation of the default corpus,
+against the dense runtime) and adds the selection cache's hit rate over those decode steps. Attention
+time is what the profiler charges to each step's attention ops (``cached_attention`` for dense,
+``token_select_attention`` for TokenSelect: scoring, selection and the sparse read included), summed
+over the layers, per decode step, after one prefill per configuration; the rest of the step is the same
+in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import tokenpass
+from tokenpass.api import capture, fork, optimize_graphs
+from tokenpass.bench import compare
+from tokenpass.methods.tokenselect import HITS, LOOKUPS
+from tokenpass.models import load_tokenizer
+from tokenpass.texts import read_text, token_ids
+
+ATTENTION_OPS = ("tokenpass::cached_attention", "tokenpass::token_select_attention")
+
+
+def _spec(theta: str, top_k: int) -> str:
+    return f"tokenselect:top_k={top_k}:theta={theta}"
+
+
+def _forced(optimized, prompt: torch.Tensor, cont: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Teacher-forced log-probabilities ``[M, V]`` and the session's cache notes."""
+    session = optimized.session(1, capacity=prompt.shape[1] + len(cont))
+    one = torch.ones((1, 1), dtype=torch.long)
+    with torch.no_grad():
+        logits = session.step(prompt, torch.ones_like(prompt), torch.arange(prompt.shape[1])[None], last_only=True)
+        rows = [logits[0, -1].float().log_softmax(-1)]
+        for i in range(len(cont) - 1):
+            logits = session.step(cont[i].view(1, 1), one, torch.tensor([[prompt.shape[1] + i]]))
+            rows.append(logits[0, -1].float().log_softmax(-1))
+    return torch.stack(rows), session.cache.notes
+
+
+def quality(args) -> dict:
+    ids = torch.tensor(token_ids(load_tokenizer(), read_text(), args.context + args.continuation))
+    prompt, cont = ids[: args.context].view(1, -1), ids[args.context :]
+    captured = capture(tokenpass.load("smollm2"))
+    dense, _ = _forced(optimize_graphs(fork(captured), []), prompt, cont)
+    rows = []
+    for theta in args.thetas:
+        logprobs, notes = _forced(optimize_graphs(fork(captured), [_spec(theta, args.top_k)]), prompt, cont)
+        nll = -logprobs.gather(1, cont[:, None]).mean().item()
+        base = -dense.gather(1, cont[:, None]).mean().item()
+        kl = torch.nn.functional.kl_div(logprobs, dense, log_target=True, reduction="batchmean").item()
+        row = {"theta": theta, "top_k": args.top_k, "ppl_ratio": math.exp(nll - base),
+               "top1_agreement": (logprobs.argmax(1) == dense.argmax(1)).float().mean().item(), "kl": kl,
+               "selection_cache_hit_rate": notes.get(HITS, 0) / max(1, notes.get(LOOKUPS, 0))}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    return {"context": args.context, "continuation": args.continuation, "rows": rows}
+
+
+def _attention_ms(session, ids: torch.Tensor, start: int, tokens: int) -> float:
+    """Milliseconds per decode step the profiler charges to attention ops."""
+    one = torch.ones((1, 1), dtype=torch.long)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(start, start + tokens):
+            session.step(ids[:, i : i + 1], one, torch.full((1, 1), i))
+    total_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key in ATTENTION_OPS)
+    return total_us / 1000 / tokens
+
+
+def attention(args) -> dict:
+    captured = capture(tokenpass.load("smollm2"))
+    configs = {"dense": optimize_graphs(fork(captured), [])}
+    for theta in args.thetas:
+        configs[_spec(theta, args.top_k)] = optimize_graphs(fork(captured), [_spec(theta, args.top_k)])
+    ids = torch.randint(3, 40000, (1, args.context + args.tokens * args.rounds),
+                        generator=torch.Generator().manual_seed(0))
+    sessions = {}
+    for name, optimized in configs.items():
+        sessions[name] = optimized.session(1, capacity=ids.shape[1])
+        with torch.no_grad():
+            sessions[name].step(ids[:, : args.context], torch.ones_like(ids[:, : args.context]),
+                                torch.arange(args.context)[None], last_only=True)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for round_ in range(args.rounds):
+        for name, session in sessions.items():
+            times[name].append(_attention_ms(session, ids, args.context + round_ * args.tokens, args.tokens))
+            print(json.dumps({"round": round_, "config": name, "attention_ms_per_step": times[name][-1]}),
+                  file=sys.stderr, flush=True)
+    dense = statistics.median(times["dense"])
+    rows = [{"config": name, "attention_ms_per_step": statistics.median(t),
+             "vs_dense": statistics.median(t) / dense,
+             "hit_rate": sessions[name].cache.notes.get(HITS, 0) / max(1, sessions[name].cache.notes.get(LOOKUPS, 0))}
+            for name, t in times.items()]
+    return {"context": args.context, "tokens": args.tokens, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["quality", "attention"])
+    parser.add_argument("--thetas", type=lambda s: s.split(","), default=["none", "0.9"])
+    parser.add_argument("--top-k", type=int, default=512)
+    parser.add_argument("--context", type=int, default=None, help="quality: 4096, attention: 8000")
+    parser.add_argument("--continuation", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.context is None:
+        args.context = 8000 if args.mode == "attention" else 4096
+    print(json.dumps({"quality": quality, "attention": attention}[args.mode](args), indent=1))
+
+
+if __name__ == "__main__":
+    main()
