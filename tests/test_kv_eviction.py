@@ -12,7 +12,6 @@ from tokenpass.kernels.scored_attention_ref import gumbel_noise, scored_attentio
 from tokenpass.methods.kvevict import EVICTED
 from tokenpass.methods.keyformer import Keyformer
 from tokenpass.methods.streamingllm import StreamingLLM
-from tokenpass.models import TINY_FAMILIES
 from tokenpass.runtime.generate import positions_from_mask
 
 from conftest import assert_ragged_rows_equal_alone, hf_greedy, hf_reference_logprobs, padded_batch
@@ -25,8 +24,8 @@ def report(optimized, phase: str, method: str):
     return next(r for r in optimized.reports[phase] if r.pass_name == method)
 
 
-@pytest.mark.parametrize("method,family", [*(("keyformer", f) for f in TINY_FAMILIES), ("h2o", "gemma"),
-                                           ("streamingllm", "phi3")])
+@pytest.mark.parametrize("method,family", [("keyformer", "llama"), ("keyformer", "gpt2"), ("keyformer", "gemma"),
+                                           ("h2o", "qwen2"), ("h2o", "phi3"), ("streamingllm", "mistral")])
 def test_a_budget_covering_the_context_reproduces_dense_greedy(method, family):
     model = tokenpass.tiny(family)
     optimized = tokenpass.optimize(model, passes=[f"{method}:kv_budget=4096"])

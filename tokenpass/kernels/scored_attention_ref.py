@@ -134,9 +134,13 @@ def scored_attention_reference(
             x = x.masked_fill(~visible, float("-inf"))
         probs = x.softmax(-1).view(b, hkv, group * c, s)
         outputs.append(torch.matmul(probs, values.float()).view(b, hq, c, -1))
-        contribution += score_contribution(
-            x, tau, noise, seed, layer, None if query_positions is None else query_positions[:, start:stop],
-            slot_positions, None if query_valid is None else query_valid[:, start:stop])
+        valid_rows = None if query_valid is None else query_valid[:, start:stop]
+        if noise or tau != 1.0:
+            contribution += score_contribution(
+                x, tau, noise, seed, layer, None if query_positions is None else query_positions[:, start:stop],
+                slot_positions, valid_rows)
+        else:  # plain accumulated attention (H2O): the output's own probabilities
+            contribution += _summed(probs.view(b, hkv, group, c, s), valid_rows)
     return torch.cat(outputs, 2).to(query.dtype), contribution
 
 
@@ -149,6 +153,11 @@ def score_contribution(scores: torch.Tensor, tau: float = 1.0, noise: bool = Fal
     if noise:
         scores = scores + gumbel_noise(seed, layer, query_positions, slot_positions, scores.shape[1] * scores.shape[2])
     probs = (scores / tau).softmax(-1) if tau != 1.0 else scores.softmax(-1)
+    return _summed(probs, query_valid)
+
+
+def _summed(probs: torch.Tensor, query_valid: torch.Tensor | None) -> torch.Tensor:
+    """``[B, Hkv, G, T, S]`` probabilities summed over the group and the real queries -> ``[B, Hkv, S]``."""
     if query_valid is not None:
         probs = probs * query_valid[:, None, None, :, None]
     return probs.sum((2, 3))
