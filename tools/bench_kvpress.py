@@ -49,8 +49,8 @@ def compare(run: torch.Tensor, dense: torch.Tensor, targets: torch.Tensor) -> di
     nll = -run.gather(1, targets[:, None]).mean().item()
     dense_nll = -dense.gather(1, targets[:, None]).mean().item()
     kl = F.kl_div(run, dense, log_target=True, reduction="batchmean").item()
-    return {"ppl_ratio": math.exp(nll - dense_nll), "top1_agreement": (run.argmax(1) == dense.argmax(1)).float().mean().item(),
-            "kl": kl}
+    agreement = (run.argmax(1) == dense.argmax(1)).float().mean().item()
+    return {"ppl_ratio": math.exp(nll - dense_nll), "top1_agreement": agreement, "kl": kl}
 
 
 def presses(budget: float) -> dict:
@@ -82,7 +82,8 @@ def main() -> None:
     for budget in args.budgets:
         for name, press in presses(budget).items():
             model = eager_model if name.startswith("Observed") else dense_model
-            row = {"press": name, "budget": budget, **compare(teacher_forced(model, ids, context, press), dense, targets)}
+            run = teacher_forced(model, ids, context, press)
+            row = {"press": name, "budget": budget, **compare(run, dense, targets)}
             print(json.dumps(row), file=sys.stderr, flush=True)
             rows.append(row)
     print(json.dumps({"context": context, "continuation": len(targets), "rows": rows}, indent=1))
