@@ -24,7 +24,6 @@ from torch.profiler import ProfilerActivity, profile
 
 import tokenpass
 from tokenpass.api import capture, fork, optimize_graphs
-from tokenpass.bench import compare
 from tokenpass.methods.tokenselect import HITS, LOOKUPS
 from tokenpass.models import load_tokenizer
 from tokenpass.texts import read_text, token_ids
