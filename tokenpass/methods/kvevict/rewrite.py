@@ -54,7 +54,6 @@ class KVEviction(Pass):
     kv_budget: int | float = 0.6
     evict_interval: int = 1
 
-
     def validate(self) -> None:
         check_budget(self.name, self.kv_budget)
         if self.evict_interval < 1:
