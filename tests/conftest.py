@@ -89,15 +89,17 @@ def hf_reference_logprobs(model, ids, context: int, steps: int, name: str, atten
     cache (how the methods' masked references run)."""
     from transformers import AttentionInterface, DynamicCache
 
+    from tokenpass.ir.capture import cache_argument
+
     AttentionInterface.register(name, attention)
     model.set_attn_implementation(name)
     try:
-        cache, rows = DynamicCache(), []
+        cache, rows = {cache_argument(model): DynamicCache()}, []
         with torch.no_grad():
-            out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, :context], use_cache=True, **cache)
             rows.append(out.logits[0, -1].log_softmax(-1))
             for i in range(steps - 1):
-                out = model(input_ids=ids[:, context + i : context + i + 1], past_key_values=cache, use_cache=True)
+                out = model(input_ids=ids[:, context + i : context + i + 1], use_cache=True, **cache)
                 rows.append(out.logits[0, -1].log_softmax(-1))
     finally:
         model.set_attn_implementation("sdpa")

@@ -4,7 +4,7 @@ from torch import nn
 
 import tokenpass
 from tokenpass.errors import CaptureError
-from tokenpass.ir.capture import CausalLMStep, sample_inputs
+from tokenpass.ir.capture import CausalLMStep, cache_argument, sample_inputs
 
 
 @pytest.mark.parametrize("phase,shapes", [
@@ -60,6 +60,39 @@ def test_non_causal_lm_module_is_refused_in_one_line():
     with pytest.raises(CaptureError, match="Linear is not a causal LM: its forward lacks input_ids") as info:
         tokenpass.capture(nn.Linear(4, 4))
     assert "\n" not in str(info.value)
+
+
+class _NoCacheArgument(nn.Module):
+    def forward(self, input_ids, attention_mask=None):
+        return input_ids.float()
+
+
+def test_forward_without_a_cache_keyword_is_refused_naming_both_names():
+    with pytest.raises(CaptureError, match="forward takes no KV cache \\(neither cache nor past_key_values") as info:
+        tokenpass.capture(_NoCacheArgument())
+    assert "\n" not in str(info.value)
+
+
+class _CacheKeyword(nn.Module):
+    """A causal LM taking its cache as ``cache`` (transformers 5.24's name) whatever the installed version."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tokenpass.tiny("llama")
+        self.config = self.inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, **{cache_argument(self.inner): cache})
+
+
+def test_a_forward_taking_cache_by_the_new_name_is_captured_exactly():
+    model = _CacheKeyword().eval()
+    ids = torch.tensor([[5, 9, 2, 7, 3]])
+    optimized = tokenpass.optimize(model, passes=[], lower=True)
+    with torch.no_grad():
+        expected = model.inner.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(optimized.generate(ids, max_new_tokens=6), expected)
 
 
 class _NoCache(nn.Module):

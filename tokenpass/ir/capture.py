@@ -41,6 +41,9 @@ from tokenpass.ir.trace_diff import first_difference
 PHASES: tuple[str, ...] = ("prefill", "decode")
 STEP_ARGS: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids", "past_keys", "past_values")
 SAMPLE_BATCH = 2  # rows of the traced sample: not 1, so that no op specialises the program to a single row
+# The forward's KV-cache keyword: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name
+# is a deprecated alias there); plain modules written against either are accepted.
+CACHE_ARGUMENTS: tuple[str, ...] = ("cache", "past_key_values")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class CausalLMStep(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.cache_argument = cache_argument(model)
 
     def forward(self, input_ids, attention_mask, position_ids, past_keys, past_values):
         from transformers import DynamicCache
@@ -90,10 +94,10 @@ class CausalLMStep(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_argument: cache},
         )
-        layers = out.past_key_values.layers
+        layers = returned_cache(out).layers
         return out.logits, [layer.keys for layer in layers], [layer.values for layer in layers]
 
 
@@ -107,17 +111,38 @@ def _preloaded_layer(keys: torch.Tensor, values: torch.Tensor):
     return layer
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword ``model.forward`` takes its KV cache by (``cache`` or ``past_key_values``)."""
+    params = inspect.signature(model.forward).parameters
+    found = [name for name in CACHE_ARGUMENTS if name in params]
+    if not found:
+        raise CaptureError(
+            f"{type(model).__name__} is not a causal LM: its forward takes no KV cache (neither "
+            f"{' nor '.join(CACHE_ARGUMENTS)}; expected forward(input_ids, attention_mask, position_ids, "
+            "past_key_values, use_cache))"
+        )
+    return found[0]
+
+
+def returned_cache(out: object) -> object:
+    """The KV cache a forward returned, under either name its output class gives it."""
+    for name in CACHE_ARGUMENTS:
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    raise AttributeError(f"{type(out).__name__} carries no KV cache ({' or '.join(CACHE_ARGUMENTS)})")
+
+
 def check_causal_lm(model: nn.Module) -> None:
     """Refuse, in one line, a module whose forward is not shaped like a causal LM's."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    params = inspect.signature(model.forward).parameters
-    missing = [p for p in ("input_ids", "past_key_values") if p not in params]
-    if missing:
+    if "input_ids" not in inspect.signature(model.forward).parameters:
         raise CaptureError(
-            f"{type(model).__name__} is not a causal LM: its forward lacks {', '.join(missing)} "
+            f"{type(model).__name__} is not a causal LM: its forward lacks input_ids "
             "(expected forward(input_ids, attention_mask, position_ids, past_key_values, use_cache))"
         )
+    cache_argument(model)
 
 
 def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]:
@@ -153,7 +178,7 @@ def probe(model: nn.Module, name: str) -> ModelSpec:
     try:
         with torch.no_grad(), eval_mode(model):
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        logits, cache = out.logits, out.past_key_values
+        logits, cache = out.logits, returned_cache(out)
         layers = cache.layers
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a causal LM we can drive"
         raise CaptureError(f"{type(model).__name__} is not a causal LM tokenpass can drive: {_first_line(exc)}")
