@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -25,7 +26,7 @@ import torch
 import tokenpass
 from tokenpass.api import capture, fork, optimize_graphs
 from tokenpass.bench import Run, compare, teacher_forced
-from tokenpass.models import load_tokenizer
+from tokenpass.models import finetuned_dir, load_tokenizer
 from tokenpass.texts import finetune_text, read_text, token_ids
 
 WARMUP = 2  # the default: --warmup
@@ -121,10 +122,15 @@ def finetune(args) -> dict:
     trained = skip_pass(layers, args.skip, args.warmup)
     skipping = tokenpass.optimize(model, [trained])  # shares the weights being trained
 
+    best = [math.inf]
+
     def evaluate(step: int) -> dict:
         figures = compare(teacher_forced(skipping, prompt, cont, f"step {step}"), dense, cont, args.context)
         row = {k: figures[k] for k in ("ppl_ratio", "top1_agreement", "kl")}
         print(json.dumps({"step": step, **row}), file=sys.stderr, flush=True)
+        if args.save and step and row["ppl_ratio"] < best[0]:  # a run stopped early keeps its best weights
+            best[0] = row["ppl_ratio"]
+            model.save_pretrained(finetuned_dir(f"{args.save}-best"))
         return row
 
     text = torch.tensor(load_tokenizer()(finetune_text(), add_special_tokens=False)["input_ids"])
