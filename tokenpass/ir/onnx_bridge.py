@@ -13,7 +13,10 @@ from pathlib import Path
 from tokenpass.errors import CaptureError
 
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
-_BETWEEN_SCORES_AND_SOFTMAX = {"Add", "Div", "Mul", "Where", "Cast", "Reshape", "Transpose"}
+_BETWEEN_SCORES_AND_SOFTMAX = {"Add", "Div", "Mul", "Where", "Cast", "Reshape", "Transpose", "Tanh"}
+# Between the probabilities and the value product: torch's exported SDPA zeroes NaN rows (IsNaN/Where),
+# tokenpass's attention zeroes rows with no key left (Where).
+_BETWEEN_SOFTMAX_AND_VALUES = {"Where", "Cast", "Reshape"}
 
 
 def load_onnx(path: str | Path):
@@ -49,11 +52,21 @@ def _softmax_attention(nodes) -> list[str]:
             continue
         src = producer.get(n.input[0])
         while src is not None and src.op_type in _BETWEEN_SCORES_AND_SOFTMAX:
-            src = producer.get(src.input[0])
-        feeds_matmul = any(c.op_type == "MatMul" for c in consumers.get(n.output[0], []))
-        if src is not None and src.op_type == "MatMul" and feeds_matmul:
+            src = producer.get(src.input[1 if src.op_type == "Where" else 0])  # Where(keep, scores, fill)
+        if src is not None and src.op_type == "MatMul" and _reaches_matmul(n.output[0], consumers):
             sites.append(n.name or n.output[0])
     return sites
+
+
+def _reaches_matmul(value: str, consumers: dict[str, list], hops: int = 3) -> bool:
+    """Whether ``value`` feeds a MatMul directly or through a few row-fixing ops."""
+    for node in consumers.get(value, []):
+        if node.op_type == "MatMul":
+            return True
+        passes_on = hops and node.op_type in _BETWEEN_SOFTMAX_AND_VALUES
+        if passes_on and _reaches_matmul(node.output[0], consumers, hops - 1):
+            return True
+    return False
 
 
 def summarize_onnx(model) -> dict:
