@@ -13,12 +13,16 @@ from tokenpass.methods.streamingllm import StreamingLLM
 from tokenpass.methods.tidaldecode import TidalDecode
 from tokenpass.methods.tokenselect import TokenSelect
 from tokenpass.models import load, tiny
+from tokenpass.onnx_export import ExportError, export_onnx
+from tokenpass.runtime.onnx_session import OnnxModel
 
 __all__ = [
     "CaptureError",
     "CutCrossEntropy",
+    "ExportError",
     "H2O",
     "Keyformer",
+    "OnnxModel",
     "PassError",
     "PassOrderError",
     "SkipDecode",
@@ -29,6 +33,7 @@ __all__ = [
     "TokenSelect",
     "TokenpassWarning",
     "capture",
+    "export_onnx",
     "finetune",
     "load",
     "optimize",

@@ -191,6 +191,32 @@ def capture(
     typer.echo(f"saved {graph.label} to {output}")
 
 
+@app.command(name="export", help="Export a model's prefill and decode steps (after optional passes) as ONNX files "
+                                  "that onnxruntime runs (tokenpass.OnnxModel loads the directory).")
+def export(
+    model: str = typer.Argument(..., metavar="MODEL", help="smollm2 or a tiny family"),
+    output: Path = typer.Option(..., "--output", "-o", help="the directory to write (prefill.onnx, decode.onnx, "
+                                "tokenpass_onnx.json)"),
+    passes: str = typer.Option(None, "--passes", "-p", help=PASSES_HELP),
+    force: bool = typer.Option(False, "--force", help="replace an existing export at OUTPUT"),
+) -> None:
+    from tokenpass.api import user_passes
+    from tokenpass.inspector import MODEL_CHOICES
+    from tokenpass.models import load
+    from tokenpass.onnx_export import export_onnx
+    from tokenpass.progress import status
+
+    if model not in MODEL_CHOICES:
+        raise TokenpassError(f"unknown model '{model}': give one of {', '.join(MODEL_CHOICES)}")
+    requested = user_passes(_split(passes))  # names and options fail before the model loads
+    with status(f"loading {model}"):
+        loaded = load(model)
+    result = export_onnx(loaded, output, requested, force=force)
+    names = ", ".join(result.passes) or "no passes"
+    typer.echo(f"exported {model} ({names}) to {result.directory}: "
+               f"{', '.join(f.name for f in result.files.values())} (opset {result.opset})")
+
+
 @app.command(help="Speed, memory and quality of pass lists against the unoptimised model, in one process.")
 def bench(
     model: str = typer.Argument("smollm2", metavar="MODEL", help="smollm2 or a tiny family"),

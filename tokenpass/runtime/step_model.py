@@ -138,4 +138,5 @@ def _check_mask(attention_mask: torch.Tensor) -> None:
         raise TokenpassError(f"attention_mask must hold only 0 (padding) and 1 (token), found {', '.join(values[:3])}")
     empty = (attention_mask == 0).all(dim=1)
     if empty.any():
-        raise TokenpassError(f"attention_mask row {int(empty.nonzero()[0])} is all zeros: every row needs at least one token")
+        raise TokenpassError(f"attention_mask row {int(empty.nonzero()[0])} is all zeros: every row needs at least "
+                             "one token")

@@ -1,0 +1,148 @@
+"""The ONNX runtime: an exported model's prefill and decode steps run by stock onnxruntime.
+
+An export (``tokenpass/onnx_export.py``) is a directory holding ``prefill.onnx``, ``decode.onnx`` and
+``tokenpass_onnx.json`` (the ``ModelSpec`` and what produced the files). Each step takes the KV cache as
+explicit ``past_keys_<l>``/``past_values_<l>`` inputs and returns ``present_*`` outputs, as the captured
+torch steps do, so this runtime keeps the cache between steps exactly as the torch runtime's explicit
+session does; ``OnnxModel`` shares the prompt checks and the generation loop with ``OptimizedModel``
+(``StepModel``), so both runtimes answer the same prompt through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenpass.errors import CaptureError, TokenpassError
+from tokenpass.ir.capture import PHASES, ModelSpec
+from tokenpass.runtime.session import phase_of
+from tokenpass.runtime.step_model import StepModel
+
+MANIFEST = "tokenpass_onnx.json"
+MANIFEST_FORMAT = 1
+
+
+def phase_file(phase: str) -> str:
+    return f"{phase}.onnx"
+
+
+def output_names(num_layers: int) -> list[str]:
+    """The step's outputs in the order the captured program returns them."""
+    return (["logits"] + [f"present_keys_{i}" for i in range(num_layers)]
+            + [f"present_values_{i}" for i in range(num_layers)])
+
+
+@dataclass
+class OnnxManifest:
+    """What an export directory holds: the model's cache layout and how the files were made."""
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int | None
+    dtype: str
+    layer_windows: list[int]
+    passes: list[str] = field(default_factory=list)
+    opset: int | None = None
+    format: int = MANIFEST_FORMAT
+
+    @classmethod
+    def of(cls, spec: ModelSpec, passes: list[str], opset: int | None) -> "OnnxManifest":
+        return cls(spec.name, spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size, spec.max_positions,
+                   str(spec.dtype).removeprefix("torch."), list(spec.layer_windows), passes, opset)
+
+    def spec(self) -> ModelSpec:
+        """The ``ModelSpec`` the runtime builds caches from (on the CPU: onnxruntime owns the device)."""
+        return ModelSpec(self.name, self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size,
+                         self.max_positions, getattr(torch, self.dtype), tuple(self.layer_windows))
+
+    def write(self, directory: Path) -> None:
+        (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, directory: Path) -> "OnnxManifest":
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise CaptureError(f"{directory} is not a tokenpass ONNX export: {MANIFEST} is missing "
+                               "(make one with tokenpass.export_onnx or 'tokenpass export')")
+        try:
+            manifest = cls(**json.loads(path.read_text()))
+        except (TypeError, ValueError) as exc:
+            raise CaptureError(f"{path} is not a valid tokenpass manifest: {exc}") from None
+        if manifest.format != MANIFEST_FORMAT:
+            raise CaptureError(f"{path} has format {manifest.format}; this tokenpass reads format {MANIFEST_FORMAT}")
+        return manifest
+
+
+def open_session(path: Path, providers: list[str] | None):
+    """An onnxruntime session over ``path``; a file onnxruntime cannot load is one line naming it."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise CaptureError(f"{path}: no such file (an export holds {', '.join(phase_file(p) for p in PHASES)})")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: onnxruntime warns about every unused initializer
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own many kinds; the user needs one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CaptureError(f"onnxruntime cannot load {path}: {first}") from None
+
+
+class OnnxCache:
+    """One batch's past keys and values as the numpy arrays the sessions take and return."""
+
+    def __init__(self, spec: ModelSpec, batch: int):
+        keys, values = spec.empty_cache(batch)
+        self.keys = [k.numpy() for k in keys]
+        self.values = [v.numpy() for v in values]
+        self.mask = np.zeros((batch, 0), dtype=np.int64)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.keys, *self.values))
+
+
+class OnnxSession:
+    """Steps over onnxruntime sessions; the cache goes out as ``past_*`` and comes back as ``present_*``."""
+
+    policies: list = []
+
+    def __init__(self, sessions: dict, spec: ModelSpec, batch: int):
+        self.sessions, self.spec, self.cache = sessions, spec, OnnxCache(spec, batch)
+
+    def step(self, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor,
+             last_only: bool = False) -> torch.Tensor:
+        cache, layers = self.cache, self.spec.num_layers
+        mask = np.concatenate([cache.mask, token_valid.long().numpy()], axis=1)
+        feeds = {"input_ids": input_ids.long().numpy(), "attention_mask": mask,
+                 "position_ids": position_ids.long().numpy()}
+        feeds.update({f"past_keys_{i}": k for i, k in enumerate(cache.keys)})
+        feeds.update({f"past_values_{i}": v for i, v in enumerate(cache.values)})
+        logits, *present = self.sessions[phase_of(input_ids)].run(None, feeds)
+        cache.keys, cache.values, cache.mask = present[:layers], present[layers:], mask
+        return torch.from_numpy(logits)
+
+
+class OnnxModel(StepModel):
+    """An ONNX export run by onnxruntime, with ``OptimizedModel``'s ``__call__`` and ``generate``."""
+
+    def __init__(self, directory: str | Path, providers: list[str] | None = None):
+        self.directory = Path(directory)
+        self.manifest = OnnxManifest.read(self.directory)
+        self.spec = self.manifest.spec()
+        self.sessions = {phase: open_session(self.directory / phase_file(phase), providers) for phase in PHASES}
+
+    def session(self, batch: int, capacity: int = 64, budget: int | None = None) -> OnnxSession:
+        if budget is not None:
+            raise TokenpassError("a KV budget needs the torch runtime's cache; the ONNX runtime keeps every token")
+        return OnnxSession(self.sessions, self.spec, batch)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(input_ids, attention_mask, position_ids)
