@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 import tokenpass
 from tests.conftest import padded_batch
+from tokenpass.bench import bench
 from tokenpass.cli import app
 from tokenpass.errors import CaptureError
 from tokenpass.ir.onnx_bridge import summarize_onnx
@@ -109,6 +110,9 @@ def test_broken_exports_are_one_line_errors(exported, tmp_path):
     with pytest.raises(CaptureError, match="onnxruntime cannot load .*prefill.onnx") as info:
         OnnxModel(broken)
     assert "\n" not in str(info.value)
+    (broken / MANIFEST).write_text('{"spec": {"name": "x"}}')
+    with pytest.raises(CaptureError, match="tokenpass_onnx.json is not a valid tokenpass manifest"):
+        OnnxModel(broken)
     with pytest.raises(tokenpass.TokenpassError, match="KV budget needs the torch runtime"):
         OnnxModel(result.directory).generate(torch.tensor([[1, 2]]), kv_budget=4)
 
@@ -125,3 +129,15 @@ def test_cli_exports_refuses_to_overwrite_and_inspects_the_file(tmp_path):
     inspected = runner.invoke(app, ["inspect", str(out / "decode.onnx")])
     layers = tokenpass.tiny("gpt2").config.num_hidden_layers
     assert inspected.exit_code == 0 and f"attention sites: {layers}" in inspected.stdout, inspected.output
+
+
+def test_bench_runs_a_configuration_on_onnxruntime_against_the_torch_baseline():
+    model = tokenpass.tiny("qwen2")
+    ids = torch.randint(3, model.config.vocab_size, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    report = bench(model, {"onnx": []}, token_ids=ids, context=16, continuation=8, greedy_tokens=6, backend="onnx")
+    base, onnx_run = report["configs"]
+    assert (base["backend"], onnx_run["backend"]) == ("torch", "onnx")
+    assert abs(onnx_run["ppl_ratio"] - 1) < 1e-4 and onnx_run["top1_agreement"] == 1.0
+    assert onnx_run["greedy_common_prefix"] == 6
+    with pytest.raises(tokenpass.TokenpassError, match="onnx backend runs onnxruntime"):
+        bench(model, {"onnx": []}, token_ids=ids, context=16, continuation=8, compile=True, backend="onnx")

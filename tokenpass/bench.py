@@ -14,9 +14,11 @@ work (``_clock``), and peak memory comes from the CUDA allocator there (the proc
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +29,13 @@ from tokenpass.errors import TokenpassError
 from tokenpass.ir.capture import model_device
 from tokenpass.runtime.generate import positions_from_mask
 from tokenpass.runtime.memory import PeakMemory
+from tokenpass.onnx_export import export_onnx
 from tokenpass.runtime.model import OptimizedModel
+from tokenpass.runtime.onnx_session import OnnxModel
 from tokenpass.progress import status, steps
 
 BASELINE = "baseline"
+BACKENDS = ("torch", "onnx")
 
 
 @dataclass
@@ -122,6 +127,7 @@ def bench(
     greedy_tokens: int = 32,
     name: str | None = None,
     compile: bool = False,
+    backend: str = "torch",
 ) -> dict:
     """Measure ``passes`` (one list, or a mapping of configuration name -> list) against the baseline, on
     the model's device (reported as ``device``).
@@ -130,8 +136,14 @@ def bench(
     baseline runs: a typo in the last configuration must not cost the minutes of the first ones.
     ``compile=True`` compiles every configuration's steps, the baseline's included; each configuration's
     ``compile_s`` is what its compilations cost (first calls, in the warm-up, never in the timed figures).
+    ``backend="onnx"`` exports every configuration (``tokenpass.export_onnx``) and runs it with onnxruntime
+    (``OnnxModel``) against the baseline on the torch runtime; export time is not in the timed figures.
     """
     configs = dict(passes) if isinstance(passes, Mapping) else {"optimized": list(passes)}
+    if backend not in BACKENDS:
+        raise TokenpassError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnx" and compile:
+        raise TokenpassError("compile=True compiles the torch runtime's steps; the onnx backend runs onnxruntime")
     _validate(model, context, continuation, len(token_ids))
     check_passes(model, list(configs.values()), name=name)
     device = model_device(model)
@@ -139,17 +151,24 @@ def bench(
     prompt, cont = ids[:context].view(1, -1), ids[context:]
     captured = capture(model, name=name)  # once: each configuration rewrites its own fork
     results, base, base_greedy = [], None, None
+    workdir = tempfile.TemporaryDirectory(prefix="tokenpass-bench-")
     for label, pass_list in {BASELINE: [], **configs}.items():
-        optimized = optimize_graphs(fork(captured), pass_list, compile=compile)
+        if backend == "onnx" and label != BASELINE:
+            optimized = OnnxModel(export_onnx(model, Path(workdir.name) / "export", passes=pass_list,
+                                              force=True).directory)
+        else:
+            optimized = optimize_graphs(fork(captured), pass_list, compile=compile)
         run = teacher_forced(optimized, prompt, cont, label)
         greedy = optimized.generate(prompt, max_new_tokens=greedy_tokens)[0, context:] if greedy_tokens else None
         if base is None:
             base, base_greedy = run, greedy
         figures = compare(run, base, cont, context)
         figures["greedy_common_prefix"] = _common_prefix(greedy, base_greedy) if greedy is not None else None
-        report = optimized.compile_report
+        report = getattr(optimized, "compile_report", None)
         figures["compile_s"] = None if report is None else report.seconds()
-        results.append({"name": label, "passes": list(pass_list), **figures})
+        runs_on = backend if label != BASELINE else "torch"
+        results.append({"name": label, "passes": list(pass_list), "backend": runs_on, **figures})
+    workdir.cleanup()
     return {
         "model": name,
         "context": context,

@@ -92,6 +92,11 @@ class Format(str, Enum):
     png = "png"
 
 
+class Backend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
 class Phase(str, Enum):
     decode = "decode"
     prefill = "prefill"
@@ -230,6 +235,8 @@ def bench(
     greedy_tokens: int = typer.Option(32, "--greedy", help="greedy tokens generated for illustration"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
     compile_steps: bool = typer.Option(False, "--compile", help="compile the steps (torch.compile); reports compile s"),
+    backend: Backend = typer.Option(Backend.torch, "--backend", help="run the configurations on the torch runtime "
+                                    "or exported to ONNX under onnxruntime (the baseline stays on torch)"),
 ) -> None:
     from tokenpass.api import plan
     from tokenpass.bench import bench as run_bench
@@ -242,6 +249,8 @@ def bench(
         raise TokenpassError(f"unknown model '{model}': give one of {', '.join(MODEL_CHOICES)}")
     configs = {f"config{i}" if len(passes) > 1 else "optimized": _split(p) for i, p in enumerate(passes, 1)}
     configs = {(",".join(v) or "no passes") if k != "optimized" else k: v for k, v in configs.items()}
+    if backend == Backend.onnx and not configs:
+        configs = {"onnx": []}
     for pass_list in configs.values():  # names, options and order: before the model is even loaded
         plan(pass_list)
     loaded = load(model)
@@ -249,7 +258,7 @@ def bench(
         torch_random_ids(loaded.config.vocab_size, context + continuation)
     )
     report = run_bench(loaded, configs, token_ids=ids, context=context, continuation=continuation,
-                       greedy_tokens=greedy_tokens, name=model, compile=compile_steps)
+                       greedy_tokens=greedy_tokens, name=model, compile=compile_steps, backend=backend.value)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:

@@ -10,6 +10,7 @@ session does; ``OnnxModel`` shares the prompt checks and the generation loop wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,29 +39,23 @@ def output_names(num_layers: int) -> list[str]:
 
 @dataclass
 class OnnxManifest:
-    """What an export directory holds: the model's cache layout and how the files were made."""
+    """What an export directory holds: the model's ``ModelSpec`` (cache layout) and how the files were made."""
 
-    name: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    max_positions: int | None
-    dtype: str
-    layer_windows: list[int]
+    spec: dict  # ModelSpec's fields, the dtype by name; the device is onnxruntime's business
     passes: list[str] = field(default_factory=list)
     opset: int | None = None
     format: int = MANIFEST_FORMAT
 
     @classmethod
     def of(cls, spec: ModelSpec, passes: list[str], opset: int | None) -> "OnnxManifest":
-        return cls(spec.name, spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size, spec.max_positions,
-                   str(spec.dtype).removeprefix("torch."), list(spec.layer_windows), passes, opset)
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "device"}
+        fields.update(dtype=str(spec.dtype).removeprefix("torch."), layer_windows=list(spec.layer_windows))
+        return cls(fields, passes, opset)
 
-    def spec(self) -> ModelSpec:
-        """The ``ModelSpec`` the runtime builds caches from (on the CPU: onnxruntime owns the device)."""
-        return ModelSpec(self.name, self.num_layers, self.num_kv_heads, self.head_dim, self.vocab_size,
-                         self.max_positions, getattr(torch, self.dtype), tuple(self.layer_windows))
+    def model_spec(self) -> ModelSpec:
+        """The ``ModelSpec`` the runtime builds caches from (on the CPU, where the numpy arrays live)."""
+        return ModelSpec(**{**self.spec, "dtype": getattr(torch, self.spec["dtype"]),
+                            "layer_windows": tuple(self.spec["layer_windows"])})
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=1))
@@ -73,7 +68,8 @@ class OnnxManifest:
                                "(make one with tokenpass.export_onnx or 'tokenpass export')")
         try:
             manifest = cls(**json.loads(path.read_text()))
-        except (TypeError, ValueError) as exc:
+            manifest.model_spec()
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise CaptureError(f"{path} is not a valid tokenpass manifest: {exc}") from None
         if manifest.format != MANIFEST_FORMAT:
             raise CaptureError(f"{path} has format {manifest.format}; this tokenpass reads format {MANIFEST_FORMAT}")
@@ -135,7 +131,7 @@ class OnnxModel(StepModel):
     def __init__(self, directory: str | Path, providers: list[str] | None = None):
         self.directory = Path(directory)
         self.manifest = OnnxManifest.read(self.directory)
-        self.spec = self.manifest.spec()
+        self.spec = self.manifest.model_spec()
         self.sessions = {phase: open_session(self.directory / phase_file(phase), providers) for phase in PHASES}
 
     def session(self, batch: int, capacity: int = 64, budget: int | None = None) -> OnnxSession:

@@ -1,0 +1,88 @@
+"""The ONNX runtime against the torch runtime on one model: same tokens, logits, decode tokens/s.
+
+Exports the model (``tokenpass.export_onnx``, timed), generates ``--tokens`` greedy tokens from the same
+prompt with both runtimes and compares them token for token, compares the prompt's logits, then times
+decode steps: every round runs each runtime once (interleaved), medians reported.
+
+    .venv/bin/python tools/bench_onnx.py --model smollm2 --tokens 64 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import tokenpass
+from tokenpass.models import load_tokenizer
+from tokenpass.texts import read_text, token_ids
+
+
+def prompt_ids(model_name: str, vocab: int, length: int) -> torch.Tensor:
+    """Real text for SmolLM2 (its tokenizer), random ids for a tiny family."""
+    if model_name == "smollm2":
+        return torch.tensor([token_ids(load_tokenizer(), read_text(), length)[:length]])
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def decode_seconds(model, ids: torch.Tensor, tokens: int) -> float:
+    """Seconds per decode step: a generation of ``tokens`` minus a one-token generation (the prefill)."""
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=1)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=tokens + 1)
+    return (time.perf_counter() - start - prefill) / tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="smollm2 or a tiny family")
+    parser.add_argument("--context", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--tokens", type=int, default=64, help="greedy tokens compared, and decode steps timed")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--passes", default="", help="comma-separated exact passes applied before export")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    passes = [p for p in args.passes.split(",") if p]
+    model = tokenpass.load(args.model) if args.model == "smollm2" else tokenpass.tiny(args.model)
+    model.eval()
+    ids = prompt_ids(args.model, model.config.vocab_size, args.context)
+    torch_runtime = tokenpass.optimize(model, [])
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        export = tokenpass.export_onnx(model, Path(tmp) / "onnx", passes=passes)
+        export_s = time.perf_counter() - start
+        onnx_runtime = tokenpass.OnnxModel(export.directory)
+        torch_tokens = torch_runtime.generate(ids, max_new_tokens=args.tokens)
+        onnx_tokens = onnx_runtime.generate(ids, max_new_tokens=args.tokens)
+        logits_diff = float((onnx_runtime(ids) - torch_runtime(ids)).abs().max())
+        timings: dict[str, list[float]] = {"torch": [], "onnx": []}
+        for _ in range(args.rounds):
+            for name, runtime in (("torch", torch_runtime), ("onnx", onnx_runtime)):
+                timings[name].append(decode_seconds(runtime, ids, args.tokens))
+        file_mb = {p: f.stat().st_size / 2**20 for p, f in export.files.items()}
+    per_step = {name: statistics.median(values) for name, values in timings.items()}
+    new = slice(ids.shape[1], None)
+    print(json.dumps({
+        "model": args.model, "passes": passes, "context": args.context, "tokens": args.tokens,
+        "rounds": args.rounds, "threads": torch.get_num_threads(), "export_s": round(export_s, 1),
+        "file_mb": {p: round(mb, 1) for p, mb in file_mb.items()}, "opset": export.opset,
+        "greedy_tokens_equal": bool(torch.equal(torch_tokens, onnx_tokens)),
+        "first_difference": next((i for i, (a, b) in enumerate(zip(torch_tokens[0, new].tolist(),
+                                                                     onnx_tokens[0, new].tolist())) if a != b), None),
+        "max_logit_difference": logits_diff,
+        "decode_tokens_per_s": {name: round(1 / s, 2) for name, s in per_step.items()},
+        "onnx_vs_torch": round(per_step["torch"] / per_step["onnx"], 3),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
