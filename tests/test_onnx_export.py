@@ -129,6 +129,7 @@ def test_cli_exports_refuses_to_overwrite_and_inspects_the_file(tmp_path):
     inspected = runner.invoke(app, ["inspect", str(out / "decode.onnx")])
     layers = tokenpass.tiny("gpt2").config.num_hidden_layers
     assert inspected.exit_code == 0 and f"attention sites: {layers}" in inspected.stdout, inspected.output
+    assert "gpt2/decode (tokenpass export)" in inspected.stdout and "passes run: none" in inspected.stdout
 
 
 def test_bench_runs_a_configuration_on_onnxruntime_against_the_torch_baseline():

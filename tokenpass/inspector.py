@@ -26,6 +26,7 @@ from tokenpass.ir.visualize import layer_structure, to_dot, to_png, to_svg
 from tokenpass.models import SMOLLM2, TINY_FAMILIES
 from tokenpass.passes import Pass, PassManager
 from tokenpass.progress import status
+from tokenpass.runtime.onnx_session import MANIFEST, OnnxManifest
 
 MODEL_CHOICES = (SMOLLM2, *TINY_FAMILIES)
 PICTURES = ("dot", "svg", "png")
@@ -143,7 +144,7 @@ def inspect_source(
     if Path(source).suffix == ".onnx":
         if passes:
             raise TokenpassError("--passes applies to torch.export graphs, not to .onnx files")
-        return summarize_onnx(load_onnx(source)), None
+        return with_export_manifest(summarize_onnx(load_onnx(source)), Path(source)), None
     check_source(source)
     requested, manager = plan_passes(source, passes, lower)
     graph = load_graph(source, phase, requested)
@@ -177,6 +178,16 @@ def picture(graph: TokenGraph, fmt: str) -> str | bytes:
     if fmt == "dot":
         return to_dot(structure, graph.label)
     return to_png(structure, graph.label) if fmt == "png" else to_svg(structure, graph.label)
+
+
+def with_export_manifest(report: dict, path: Path) -> dict:
+    """An ONNX file that ``tokenpass.export_onnx`` wrote: its model, step and the passes it went through
+    (from the export's manifest beside it; a foreign file is described as it is)."""
+    if not (path.parent / MANIFEST).is_file():
+        return report
+    manifest = OnnxManifest.read(path.parent)
+    return {**report, "model": f"{manifest.spec['name']}/{path.stem} (tokenpass export)",
+            "pipeline": manifest.passes or ["none"]}
 
 
 def render_text(report: dict, console: Console, io: bool = False, ops: bool = False, diff: bool = False) -> None:
