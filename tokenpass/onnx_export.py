@@ -1,5 +1,5 @@
 """``tokenpass.export_onnx``: a model's prefill and decode steps, after passes, as ONNX files that stock
-onnxruntime runs (``tokenpass.load_onnx`` runs them with the torch runtime's generation loop).
+onnxruntime runs (``tokenpass.OnnxModel`` runs them with the torch runtime's generation loop).
 
 Each captured step already carries its KV cache as explicit inputs and outputs (``ir/capture.py``), so
 exporting is ``torch.onnx.export`` (the dynamo exporter) of each step's ``ExportedProgram``, with the
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,24 +74,32 @@ def export_onnx(model: "nn.Module | OptimizedModel", path: str | Path,
     graphs, names = _graphs(model, passes)
     for graph in graphs.values():
         check_exportable(graph)
-    exported: dict[str, Path] = {}
-    opset = None
-    staging = target.with_name(target.name + ".partial")
+    staging = target.with_name(target.name + ".partial")  # the target changes only once all of it is written
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for phase in progress(PHASES, f"exporting {next(iter(graphs.values())).label.split('/')[0]} to ONNX"):
-        program = _onnx_program(graphs[phase])
-        opset = program.model.opset_imports.get("", None)
-        exported[phase] = staging / phase_file(phase)
-        program.save(str(exported[phase]))
-        if check:
-            _full_check(exported[phase])
-    spec = next(iter(graphs.values())).spec
-    OnnxManifest.of(spec, names, opset).write(staging)
+    try:
+        opset = _write_steps(graphs, staging, check)
+        OnnxManifest.of(next(iter(graphs.values())).spec, names, opset).write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
-    return OnnxExport(target, {p: target / f.name for p, f in exported.items()}, names, opset)
+    return OnnxExport(target, {p: target / phase_file(p) for p in PHASES}, names, opset)
+
+
+def _write_steps(graphs: dict[str, TokenGraph], directory: Path, check: bool) -> int | None:
+    """Each step's ONNX file in ``directory``; returns the opset written."""
+    opset = None
+    for phase in progress(PHASES, f"exporting {graphs[PHASES[0]].label.split('/')[0]} to ONNX"):
+        program = _onnx_program(graphs[phase])
+        opset = program.model.opset_imports.get("", None)
+        path = directory / phase_file(phase)
+        program.save(str(path))
+        if check:
+            _full_check(path)
+    return opset
 
 
 def _check_target(target: Path, force: bool) -> None:
@@ -139,14 +149,19 @@ def check_exportable(graph: TokenGraph) -> None:
 def _onnx_program(graph: TokenGraph):
     """``torch.onnx.export`` of one step, its outputs and dynamic axes named; the exporter's chatter is
     swallowed (its failures are not: they name the op it could not translate)."""
-    chatter = io.StringIO()
+    chatter, exporter_log = io.StringIO(), logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # not "torchvision is not installed" on every export
     try:
-        with contextlib.redirect_stdout(chatter):
+        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside the exporter
             program = torch.onnx.export(graph.program, dynamo=True, optimize=True, verbose=False, opset_version=OPSET,
                                         custom_translation_table=onnx_translations())
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; one line with its first line
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ExportError(f"{graph.label}: torch.onnx.export failed: {type(exc).__name__}: {first}") from None
+    finally:
+        exporter_log.setLevel(level)
     _name_outputs(program.model.graph, graph.spec.num_layers)
     _name_dims(program.model.graph)
     return program
