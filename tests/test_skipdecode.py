@@ -272,6 +272,15 @@ def test_finetune_trains_saves_and_loads(tmp_path):
         tokenpass.finetune(model, ["skipdecode"], text[:50], steps=1, seq_len=64)
     with pytest.raises(TokenpassError, match="does not rewrite the training step"):
         tokenpass.finetune(model, ["tidaldecode"], text, steps=1, seq_len=32)
+    with pytest.raises(TokenpassError, match="lr_end must be in \\[0, lr=0.001\\]"):
+        tokenpass.finetune(model, ["skipdecode"], text, steps=1, seq_len=32, lr=1e-3, lr_end=2e-3)
+
+
+def test_finetune_learning_rate_decays_linearly_to_lr_end():
+    text = torch.randint(3, 300, (500,), generator=torch.Generator().manual_seed(0))
+    result = tokenpass.finetune(tokenpass.tiny("llama"), [SkipDecode(min_layers=2, warmup=1)], text, steps=4,
+                                batch=1, seq_len=16, lr=1e-3, lr_end=2e-4)
+    assert result.learning_rates == pytest.approx([1e-3, 8e-4, 6e-4, 4e-4])
 
 
 def test_smollm2_gated_but_unskipped_is_exact_and_skipping_needs_finetuning(smollm2_optimized):

@@ -45,6 +45,7 @@ class FinetuneReport:
     seq_len: int
     lr: float
     losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)  # the rate each step used
     seconds: float = 0.0
     saved_to: str | None = None
     evaluations: list[dict] = field(default_factory=list)  # what ``evaluate`` returned, with its step
@@ -67,6 +68,7 @@ def finetune(
     evaluate: Callable[[int], dict] | None = None,
     evaluate_every: int = 0,
     teacher: nn.Module | None = None,
+    lr_end: float | None = None,
 ) -> FinetuneReport:
     """Train ``model`` (in place) for ``steps`` AdamW steps on windows of ``token_ids`` with ``passes``
     applied to its training step; returns the loss curve. ``save``: a directory, or a bare name kept in
@@ -76,9 +78,15 @@ def finetune(
 
     ``teacher`` (e.g. the unmodified model) turns the loss into distillation: KL(teacher || model) over the
     next-token distributions at every position, which recovers what skipping lost without pulling the
-    model towards the fine-tuning text (what quality against the unmodified model measures)."""
+    model towards the fine-tuning text (what quality against the unmodified model measures).
+
+    ``lr_end``: the learning rate falls linearly from ``lr`` to it over the run (``None``: constant). A
+    constant rate that repairs quickly at first leaves the late steps noisy (the ratio bounced by 0.03
+    between evaluations at 3e-4); decaying it lets the run settle."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     _check(steps, batch, seq_len, lr, len(ids))
+    if lr_end is not None and not (isinstance(lr_end, float | int) and 0 <= lr_end <= lr):
+        raise TokenpassError(f"finetune: lr_end must be in [0, lr={lr}], got {lr_end!r}")
     prompt_tokens = seq_len // 4 if prompt_tokens is None else prompt_tokens
     if not 0 <= prompt_tokens < seq_len:
         raise TokenpassError(f"finetune: prompt_tokens must be in [0, seq_len={seq_len}), got {prompt_tokens}")
@@ -86,6 +94,8 @@ def finetune(
     trained = optimize(model, train_passes, phases=[TRAIN])
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = None if lr_end is None else torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0, end_factor=lr_end / lr, total_iters=steps)
     generator = torch.Generator().manual_seed(seed)
     report = FinetuneReport([repr(p) for p in train_passes], steps, batch, seq_len, lr)
     device = trained.spec.device
@@ -100,8 +110,11 @@ def finetune(
         loss = out.loss if teacher is None else distillation_loss(out.logits, teacher, window)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        report.learning_rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if schedule is not None:
+            schedule.step()
         report.losses.append(loss.item())
     report.seconds = time.perf_counter() - start
     model.eval()

@@ -136,7 +136,7 @@ def finetune(args) -> dict:
     text = torch.tensor(load_tokenizer()(finetune_text(), add_special_tokens=False)["input_ids"])
     report = tokenpass.finetune(model, [trained], text, steps=args.steps, batch=args.batch,
                                 seq_len=args.seq_len, lr=args.lr, save=args.save, evaluate=evaluate,
-                                evaluate_every=args.evaluate_every,
+                                evaluate_every=args.evaluate_every, lr_end=args.lr_end,
                                 teacher=tokenpass.load("smollm2") if args.distill else None)
     return {"skip": args.skip, "warmup": args.warmup, "train_tokens": len(text), "init": args.init,
             "distill": args.distill,
@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr-end", type=float, default=None, help="finetune: decay the rate linearly to this")
     parser.add_argument("--evaluate-every", type=int, default=50)
     parser.add_argument("--save", default=None)
     parser.add_argument("--distill", action="store_true", help="finetune: KL to the unmodified model, not the text")
