@@ -1,5 +1,7 @@
 """ONNX export: the steps as files stock onnxruntime runs, generating what the torch runtime generates."""
 
+import json
+
 import onnx
 import pytest
 import torch
@@ -110,6 +112,11 @@ def test_broken_exports_are_one_line_errors(exported, tmp_path):
     with pytest.raises(CaptureError, match="onnxruntime cannot load .*prefill.onnx") as info:
         OnnxModel(broken)
     assert "\n" not in str(info.value)
+    bf16 = json.loads((result.directory / MANIFEST).read_text())
+    bf16["spec"]["dtype"] = "bfloat16"
+    (broken / MANIFEST).write_text(json.dumps(bf16))
+    with pytest.raises(tokenpass.TokenpassError, match="numpy arrays, which have no bfloat16"):
+        OnnxModel(broken)
     (broken / MANIFEST).write_text('{"spec": {"name": "x"}}')
     with pytest.raises(CaptureError, match="tokenpass_onnx.json is not a valid tokenpass manifest"):
         OnnxModel(broken)

@@ -25,6 +25,7 @@ from tokenpass.runtime.step_model import StepModel
 
 MANIFEST = "tokenpass_onnx.json"
 MANIFEST_FORMAT = 1
+NUMPY_DTYPES = (torch.float32, torch.float16)
 
 
 def phase_file(phase: str) -> str:
@@ -132,6 +133,9 @@ class OnnxModel(StepModel):
         self.directory = Path(directory)
         self.manifest = OnnxManifest.read(self.directory)
         self.spec = self.manifest.model_spec()
+        if self.spec.dtype not in NUMPY_DTYPES:
+            raise TokenpassError(f"{self.directory}: the ONNX runtime holds the cache as numpy arrays, which have no "
+                                 f"{self.manifest.spec['dtype']}; export the model in float32 or float16")
         self.sessions = {phase: open_session(self.directory / phase_file(phase), providers) for phase in PHASES}
 
     def session(self, batch: int, capacity: int = 64, budget: int | None = None) -> OnnxSession:
