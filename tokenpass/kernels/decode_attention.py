@@ -27,6 +27,24 @@ def capped(s, softcap):
 
 
 @triton.jit
+def query_group(Q, stride_qb, stride_qh, stride_qd, group, head_dim, NUM_KV_HEADS: tl.constexpr,
+                BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What every decode kernel's program starts from: its (sequence, KV head, chunk of slots), the
+    offsets and masks of the group's query heads, and those heads' queries ``[BLOCK_G, BLOCK_D]``."""
+    pid = tl.program_id(0)
+    b = pid // NUM_KV_HEADS
+    h = pid % NUM_KV_HEADS
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < group
+    d_mask = offs_d < head_dim
+    q_ptrs = Q + b * stride_qb + (h * group + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    return b, h, tl.program_id(1), offs_g, offs_d, offs_n, g_mask, d_mask, q
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, VALID, M_OUT, L_OUT, O_OUT, SCORES,
     stride_qb, stride_qh, stride_qd,
@@ -39,17 +57,8 @@ def _decode_split_kernel(
     SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // NUM_KV_HEADS
-    h = pid % NUM_KV_HEADS
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < group
-    d_mask = offs_d < head_dim
-    q_ptrs = Q + b * stride_qb + (h * group + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    b, h, split, offs_g, offs_d, offs_n, g_mask, d_mask, q = query_group(
+        Q, stride_qb, stride_qh, stride_qd, group, head_dim, NUM_KV_HEADS, BLOCK_G, BLOCK_N, BLOCK_D)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)

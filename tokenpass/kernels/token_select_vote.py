@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenpass.kernels.decode_attention import _num_splits, capped
+from tokenpass.kernels.decode_attention import _num_splits, capped, query_group
 
 
 @triton.jit
@@ -28,17 +28,8 @@ def _vote_scores_kernel(
     NUM_KV_HEADS: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // NUM_KV_HEADS
-    h = pid % NUM_KV_HEADS
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < group
-    d_mask = offs_d < head_dim
-    q = tl.load(Q + b * stride_qb + (h * group + offs_g)[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    b, h, split, offs_g, offs_d, offs_n, g_mask, d_mask, q = query_group(
+        Q, stride_qb, stride_qh, stride_qd, group, head_dim, NUM_KV_HEADS, BLOCK_G, BLOCK_N, BLOCK_D)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     start = split * chunk
