@@ -38,11 +38,11 @@ from tokenpass.ir.capture import PHASES
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.ir.onnx_translations import onnx_translations
 from tokenpass.passes import Pass
+from tokenpass.passes.lower_kv_cache import LowerKVCache
 from tokenpass.progress import steps as progress
 from tokenpass.runtime.model import OptimizedModel
 from tokenpass.runtime.onnx_session import MANIFEST, OnnxManifest, output_names, phase_file
 
-RUNTIME_CACHE = "runtime_kv_cache"
 OPSET = 18  # what torch's ONNX library is written in: exported as is, no version conversion
 
 
@@ -126,7 +126,7 @@ def _graphs(model: "nn.Module | OptimizedModel", passes: Sequence) -> tuple[dict
         return dict(model.step_graphs), [r.name for r in reports if getattr(r, "modified", False)]
     requested = user_passes(passes)
     for p in requested:
-        if RUNTIME_CACHE in p.requires:
+        if p.requires & LowerKVCache.provides:  # built on the runtime's own cache
             raise ExportError(f"pass '{p.name}' cannot export to ONNX yet: it rewrites attention onto the "
                               "runtime's KV cache (and its state between steps), which has no ONNX form here")
     optimized = optimize(model, requested, lower=False, phases=PHASES)
