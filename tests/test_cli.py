@@ -46,7 +46,7 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, message):
     (["inspect", "bert"], "unknown model 'bert'"),
     (["inspect", "llama", "--format", "png"], "give a file with -o"),
     (["inspect", "llama", "--passes", "tidaldecode:top_k=0"], "top_k must be a positive integer"),
-    (["inspect", "llama", "--no-lower", "--passes", "tidaldecode"], "requires runtime_kv_cache"),
+    (["inspect", "llama", "--no-lower", "--passes", "tidaldecode"], "requires attention_canonical"),
     (["bench", "gpt5"], "unknown model 'gpt5'"),
 ])
 def test_input_errors_are_one_line_before_any_model_is_loaded(args, message, monkeypatch):
@@ -103,7 +103,7 @@ def test_model_shape_is_checked_after_the_probe_before_export(monkeypatch):
     model = tokenpass.tiny("llama")
     with pytest.raises(PassError, match="selection layer 99 is out of range"):
         tokenpass.optimize(model, passes=[TidalDecode(selection_layers=[99])])
-    with pytest.raises(PassOrderError, match="requires runtime_kv_cache"):  # the order, before capture too
+    with pytest.raises(PassOrderError, match="requires attention_canonical"):  # the order, before capture too
         tokenpass.optimize(model, passes=["tidaldecode"], lower=False)
     assert "selection layer 99" in _one_line_failure(["inspect", "llama", "--passes", "tidaldecode:selection_layers=99"])
 

@@ -87,5 +87,5 @@ def test_a_family_the_lowering_cannot_take_runs_exactly_with_a_warning_naming_th
     assert not optimized.lowered
     ids, mask = padded_batch(model.config.vocab_size, length=30, pad=5)
     assert torch.equal(optimized.generate(ids, mask, max_new_tokens=64), hf_recompute_greedy(model, ids, mask, 64))
-    with pytest.raises(tokenpass.PassError, match="pass 'tidaldecode' could not apply: .*requires runtime_kv_cache"):
+    with pytest.raises(tokenpass.PassError, match="pass 'tidaldecode' could not apply: .*requires attention_canonical"):
         tokenpass.optimize(model, passes=["tidaldecode"])

@@ -252,3 +252,37 @@ def test_left_padded_ragged_batch_through_the_sparse_path_gives_each_row_what_it
     for i, row in enumerate(rows):
         alone = optimized.generate(row, max_new_tokens=16)
         assert torch.equal(batch[i, -(row.shape[1] + 16):], alone[0]), f"row {i}"
+
+
+EXPLICIT_SPARSE = TidalDecode(top_k=4, sparse_start=1, selection_layers=[1])  # what ONNX exports run
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_on_explicit_cache_tensors_it_generates_the_runtime_forms_tokens(family):
+    """Positive (explicit form): the unlowered graph gets the explicit-cache ops, by count, and decodes the
+    runtime form's tokens for a left-padded batch, which are not dense decoding's."""
+    model = tokenpass.tiny(family)
+    explicit = tokenpass.optimize(model, ["canonicalize_attention", EXPLICIT_SPARSE], lower=False)
+    report = next(r for r in explicit.reports["decode"] if r.pass_name == "tidaldecode")
+    assert report.counts == {"dense_layers": 1, "selection_layers": 1, "sparse_layers": 2, "explicit_cache": 1}
+    ops = {s.op for s in explicit.step_graphs["decode"].sites().attention}
+    assert ops == {"tokenpass.attention", "tokenpass.explicit_selection_attention",
+                   "tokenpass.explicit_sparse_attention"}
+    ids, mask = padded_batch(model.config.vocab_size, length=12, pad=5)
+    tokens = explicit.generate(ids, mask, max_new_tokens=48)
+    assert torch.equal(tokens, tokenpass.optimize(model, [EXPLICIT_SPARSE]).generate(ids, mask, max_new_tokens=48))
+    assert not torch.equal(tokens, tokenpass.optimize(model, []).generate(ids, mask, max_new_tokens=48))
+
+
+def test_on_explicit_cache_tensors_a_second_application_is_a_no_op():
+    explicit = tokenpass.optimize(tokenpass.tiny("llama"), ["canonicalize_attention", EXPLICIT_SPARSE,
+                                                            EXPLICIT_SPARSE], lower=False)
+    first, second = [r for r in explicit.reports["decode"] if r.pass_name == "tidaldecode"]
+    assert first.modified and not second.modified and second.counts["already_applied"] == 1
+
+
+def test_on_explicit_cache_tensors_the_runtime_only_correction_is_refused_with_its_reason():
+    """Negative (explicit form): cache correction re-encodes tokens in the runtime's cache."""
+    corrected = TidalDecode(top_k=4, sparse_start=1, selection_layers=[1], correction_interval=4)
+    with pytest.raises(PassError, match="could not apply: .*correction_interval re-encodes tokens"):
+        tokenpass.optimize(tokenpass.tiny("llama"), ["canonicalize_attention", corrected], lower=False)

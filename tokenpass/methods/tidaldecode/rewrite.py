@@ -35,6 +35,14 @@ keys/values, which bounds drift over long generations.
 
 The ``slots`` edges from selection to sparse layers are ordinary graph data edges (``tokenpass inspect
 --passes tidaldecode`` draws them). Prefill is untouched: the pass applies to the decode graph.
+
+Explicit cache (a graph not lowered, e.g. for ``export_onnx``): the same rewrite onto
+``tokenpass.explicit_selection_attention`` / ``explicit_sparse_attention``, which read the layer's
+``cat(past, new)`` keys/values and the model's mask (checked to be causal + padding first, as lowering
+checks it) and keep no state between steps, so the export's past/present cache is the whole state::
+
+    sel_2 = tokenpass.explicit_selection_attention(q_2, cat(past_k_2, k_2), cat(past_v_2, v_2), mask, ...)
+    out_3 = tokenpass.explicit_sparse_attention(q_3, cat(past_k_3, k_3), cat(past_v_3, v_3), mask, slots_2, ...)
 """
 
 from __future__ import annotations
@@ -48,13 +56,21 @@ import torch
 from tokenpass.errors import PassError
 from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
-from tokenpass.ir.ops import cached_attention_op
+from tokenpass.ir.ops import attention_op, cached_attention_op
+from tokenpass.ir.sites import AttentionSite
 from tokenpass.ir.requests import PolicySpec, SlotState
 from tokenpass.methods.tidaldecode.correction import POLICY as CORRECTION_POLICY
+from tokenpass.methods.tidaldecode.explicit_ops import explicit_selection_op, explicit_sparse_op
 from tokenpass.methods.tidaldecode.ops import SCORE_KEYS, selection_attention_op, sparse_attention_op
 from tokenpass.passes.base import Miss, Pass, PassResult
+from tokenpass.passes.lower_kv_cache import cache_update_miss, mask_misses
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node
+
+METHOD_OPS = (selection_attention_op, sparse_attention_op, explicit_selection_op, explicit_sparse_op)
+# The rewrite's ops on each cache form: (selection op, sparse op).
+CACHED_FORM = (selection_attention_op, sparse_attention_op)
+EXPLICIT_FORM = (explicit_selection_op, explicit_sparse_op)
 
 # The paper's scripts re-select at layer 13 of Llama-3-8B's 32 layers.
 PAPER_RESELECT_FRACTION = 13 / 32
@@ -91,11 +107,12 @@ class TidalDecode(Pass):
     selection and ranking with a quarter of each key's channels. ``TidalDecode.paper()`` gives the paper's
     configuration. ``score_dtype`` and ``score_fraction`` have no effect on dense selection layers
     (``sparse_selection_output=False``): their attention pass yields exact scores. Sliding-window layers
-    stay windowed-dense: a window already bounds what they read."""
+    stay windowed-dense: a window already bounds what they read. Runs on the runtime cache (after
+    ``lower_kv_cache``) or on explicit cache tensors (canonical attention, e.g. for ONNX export)."""
 
     name: ClassVar[str] = "tidaldecode"
     exact: ClassVar[bool] = False
-    requires: ClassVar[frozenset[str]] = frozenset({"runtime_kv_cache"})
+    requires: ClassVar[frozenset[str]] = frozenset({"attention_canonical"})
     provides: ClassVar[frozenset[str]] = frozenset({"sparse_attention"})
     phases: ClassVar[tuple[str, ...]] = ("decode",)
 
@@ -156,15 +173,14 @@ class TidalDecode(Pass):
     def run(self, graph: TokenGraph) -> PassResult:
         result = PassResult(self.name, graph)
         sites = graph.sites().attention
-        if any(graph.node(s.node).target in (selection_attention_op, sparse_attention_op) for s in sites):
+        if any(graph.node(s.node).target in METHOD_OPS for s in sites):
             result.counts["already_applied"] = 1
             return result
         selection = self.placed_selection_layers(sites)
         if self.sparse_start not in selection and not any(s.window for s in sites if s.layer == self.sparse_start):
             raise PassError(f"tidaldecode: layer sparse_start={self.sparse_start} must be a selection layer "
                             f"(got {sorted(selection)}): the first sparse layer needs a selection to read")
-        result.misses = [Miss(s.label, "attention on the runtime cache", f"op is {s.op}; run lower_kv_cache first")
-                         for s in sites if graph.node(s.node).target != cached_attention_op]
+        form = self._form(graph, sites, result)
         if result.misses:  # all or nothing: a half-rewritten stack would read selections that never ran
             result.applicable = False
             return result
@@ -175,18 +191,42 @@ class TidalDecode(Pass):
                 result.counts["windowed_dense_layers" if site.window else "dense_layers"] += 1
                 continue
             args = (graph.node(site.query), graph.node(site.key), graph.node(site.value))
+            if form == EXPLICIT_FORM:
+                args = (*args, graph.node(site.mask) if site.mask else None)
             if site.layer in selection:
-                slots = self._selection(graph, node, args, site)
+                slots = self._selection(graph, node, args, site, form[0])
                 result.counts["selection_layers"] += 1
             else:
-                new = replace_node(graph, node, sparse_attention_op,
-                                   (*args, slots, site.scale, site.layer, site.softcap), self.name)
+                new = replace_node(graph, node, form[1], (*args, slots, site.scale, site.layer, site.softcap),
+                                   self.name)
                 result.replaced[node.name] = new.name
                 result.counts["sparse_layers"] += 1
+        if form == EXPLICIT_FORM:  # the runtime cache is the usual case; say when it is not
+            result.counts["explicit_cache"] = 1
         if self.correction_interval:
             graph.add_policy(PolicySpec.of(CORRECTION_POLICY, interval=self.correction_interval))
         result.modified = True
         return result
+
+    def _form(self, graph: TokenGraph, sites: list[AttentionSite], result: PassResult) -> tuple:
+        """Which ops the rewrite uses: the runtime-cache ones when the graph is lowered, the explicit-cache
+        ones on canonical attention whose cache is ``cat(past, new)`` and whose mask is causal + padding
+        (what the ops read liveness from). Anything else goes into ``result.misses``."""
+        targets = {graph.node(s.node).target for s in sites}
+        if targets == {cached_attention_op}:
+            return CACHED_FORM
+        if targets != {attention_op}:
+            result.misses = [Miss(s.label, "canonical attention or attention on the runtime cache",
+                                  f"op is {s.op}; run canonicalize_attention (and lower_kv_cache) first")
+                             for s in sites if graph.node(s.node).target != attention_op]
+            return EXPLICIT_FORM
+        if self.correction_interval:
+            result.misses = [Miss(graph.label, "the runtime KV cache", "correction_interval re-encodes tokens in the "
+                                  "runtime's cache; lower the graph (lower=True) or leave correction_interval unset")]
+            return EXPLICIT_FORM
+        full = [s for s in sites if not s.window]
+        result.misses = [m for m in map(cache_update_miss, full) if m] or mask_misses(graph, full)
+        return EXPLICIT_FORM
 
     def placed_selection_layers(self, sites) -> set[int]:
         """The selection layers, each windowed one moved up to the next full-attention layer (windowed
@@ -203,7 +243,8 @@ class TidalDecode(Pass):
 
     def ensures(self, graph: TokenGraph) -> list[Miss]:
         """Sparse attention holds once some selection layer exists (tiny models may have no sparse layer)."""
-        if any(graph.node(s.node).target == selection_attention_op for s in graph.sites().attention):
+        selections = (selection_attention_op, explicit_selection_op)
+        if any(graph.node(s.node).target in selections for s in graph.sites().attention):
             return []
         return [Miss(graph.label, "selection layer present", "no layer was rewritten into a selection layer")]
 
@@ -222,18 +263,19 @@ class TidalDecode(Pass):
         dtype = None if self.score_dtype is None else getattr(torch, self.score_dtype)
         return dtype, 0 if channels >= head_dim else channels
 
-    def _selection(self, graph: TokenGraph, node, args, site):
+    def _selection(self, graph: TokenGraph, node, args, site, op):
         """Replace ``node`` by a selection op; its users read element 0, later layers element 1 (slots).
-        A ranking approximation is declared as the per-slot state the runtime cache keeps for it."""
+        On the runtime cache, a ranking approximation is declared as the per-slot state the cache keeps
+        for it (the explicit-cache op reads the keys' channels directly)."""
         score_dtype, channels = self.ranking_options(site.head_dim)
-        if score_dtype is not None or channels:
+        if op == selection_attention_op and (score_dtype is not None or channels):
             dtype = None if score_dtype is None else str(score_dtype).replace("torch.", "")
             graph.declare_slot_state(SlotState(SCORE_KEYS, layers=self._state_layers(graph, site.layer),
                                                trailing=(site.head_dim,), dtype=dtype, layout="channel_major",
                                                source="keys"))
         with graph.graph.inserting_before(node):
             select = graph.graph.call_function(
-                selection_attention_op,
+                op,
                 (*args, site.scale, site.layer, self.top_k, self.per_kv_head, self.sparse_selection_output,
                  score_dtype, channels, site.softcap),
             )
