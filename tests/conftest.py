@@ -43,6 +43,30 @@ def padded_batch(vocab: int, batch: int = 2, length: int = 12, pad: int = 4, see
     return ids, mask
 
 
+def teacher_forced(optimized, ids, mask, prompt: int):
+    """Prefill ``prompt`` columns, then decode the rest one token per step; logits of every column after."""
+    session = optimized.session(ids.shape[0], capacity=ids.shape[1])
+    positions = positions_from_mask(mask)
+    rows = [session.step(ids[:, :prompt], mask[:, :prompt], positions[:, :prompt])[:, -1:]]
+    for t in range(prompt, ids.shape[1] - 1):
+        rows.append(session.step(ids[:, t : t + 1], mask[:, t : t + 1], positions[:, t : t + 1]))
+    return torch.cat(rows, 1), session
+
+
+def genai_generate(directory, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy tokens from onnxruntime-genai's own generator over an export (its ``genai_config.json``)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(directory))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids.int().numpy())
+    while not generator.is_done():
+        generator.generate_next_token()
+    return torch.stack([torch.from_numpy(generator.get_sequence(i)).long() for i in range(ids.shape[0])])
+
+
 def reference_logits(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits

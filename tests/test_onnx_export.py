@@ -8,12 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 import tokenpass
-from tests.conftest import padded_batch
+from tests.conftest import genai_generate, padded_batch
 from tokenpass.bench import bench
 from tokenpass.cli import app
 from tokenpass.errors import CaptureError
 from tokenpass.ir.onnx_bridge import summarize_onnx
 from tokenpass.onnx_export import ExportError, check_exportable, export_onnx
+from tokenpass.runtime.genai_config import GENAI_CONFIG
 from tokenpass.runtime.onnx_session import MANIFEST, OnnxModel
 
 EXPORTED_FAMILIES = ("llama", "gpt2", "gemma")  # RoPE + RMSNorm, learnt positions + LayerNorm, soft-capped GQA
@@ -46,9 +47,17 @@ def test_onnx_logits_match_the_torch_runtime_within_1e_3(exported):
     assert (got - expected).abs()[real].max() < 1e-3
 
 
+def test_onnxruntime_genai_generates_the_torch_runtimes_tokens(exported):
+    model, result, _ = exported
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    expected = tokenpass.optimize(model, []).generate(ids, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(genai_generate(result.directory, ids, NEW_TOKENS), expected)
+
+
 def test_export_writes_checked_files_with_named_io_and_dynamic_axes(exported):
     model, result, passes = exported
-    assert sorted(p.name for p in result.directory.iterdir()) == sorted(["decode.onnx", "prefill.onnx", MANIFEST])
+    assert sorted(p.name for p in result.directory.iterdir()) == sorted(["decode.onnx", "prefill.onnx", MANIFEST,
+                                                                        GENAI_CONFIG])
     assert result.passes == passes
     layers = model.config.num_hidden_layers
     for path in result.files.values():
@@ -75,8 +84,8 @@ def test_export_never_overwrites_unless_forced(exported, tmp_path):
 
 
 def test_a_method_on_the_runtime_cache_is_refused_naming_the_pass(tmp_path):
-    with pytest.raises(ExportError, match="pass 'tidaldecode' cannot export to ONNX yet") as info:
-        export_onnx(tokenpass.tiny("llama"), tmp_path / "out", passes=[tokenpass.TidalDecode(top_k=8)])
+    with pytest.raises(ExportError, match="pass 'keyformer' cannot export to ONNX yet") as info:
+        export_onnx(tokenpass.tiny("llama"), tmp_path / "out", passes=[tokenpass.Keyformer()])
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
 
@@ -131,8 +140,8 @@ def test_cli_exports_refuses_to_overwrite_and_inspects_the_file(tmp_path):
     assert f"exported gpt2 (no passes) to {out}: prefill.onnx, decode.onnx (opset 18)" in result.stdout
     again = runner.invoke(app, ["export", "gpt2", "-o", str(out)])
     assert again.exit_code == 2 and "exists; pass force=True (--force)" in again.stderr
-    refused = runner.invoke(app, ["export", "gpt2", "-o", str(tmp_path / "x"), "--passes", "tidaldecode"])
-    assert refused.exit_code == 2 and "pass 'tidaldecode' cannot export to ONNX yet" in refused.stderr
+    refused = runner.invoke(app, ["export", "gpt2", "-o", str(tmp_path / "x"), "--passes", "keyformer"])
+    assert refused.exit_code == 2 and "pass 'keyformer' cannot export to ONNX yet" in refused.stderr
     inspected = runner.invoke(app, ["inspect", str(out / "decode.onnx")])
     layers = tokenpass.tiny("gpt2").config.num_hidden_layers
     assert inspected.exit_code == 0 and f"attention sites: {layers}" in inspected.stdout, inspected.output

@@ -20,7 +20,7 @@ from tokenpass.methods.skipdecode import LinearSchedule
 from tokenpass.methods.skipdecode.runtime import LAST_RUN
 from tokenpass.runtime.generate import positions_from_mask
 
-from conftest import padded_batch
+from conftest import padded_batch, teacher_forced
 
 PROMPT = 8
 NEW = 8
@@ -50,16 +50,6 @@ def reference_logits(model, schedule, start, ids, mask):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def teacher_forced(optimized, ids, mask, prompt: int):
-    """Prefill ``prompt`` columns, then decode the rest one token per step; logits of every column after."""
-    session = optimized.session(ids.shape[0], capacity=ids.shape[1])
-    positions = positions_from_mask(mask)
-    rows = [session.step(ids[:, :prompt], mask[:, :prompt], positions[:, :prompt])[:, -1:]]
-    for t in range(prompt, ids.shape[1] - 1):
-        rows.append(session.step(ids[:, t : t + 1], mask[:, t : t + 1], positions[:, t : t + 1]))
-    return torch.cat(rows, 1), session
 
 
 def report(optimized, phase: str = "decode"):

@@ -181,13 +181,14 @@ def picture(graph: TokenGraph, fmt: str) -> str | bytes:
 
 
 def with_export_manifest(report: dict, path: Path) -> dict:
-    """An ONNX file that ``tokenpass.export_onnx`` wrote: its model, step and the passes it went through
-    (from the export's manifest beside it; a foreign file is described as it is)."""
+    """An ONNX file that ``tokenpass.export_onnx`` wrote: its model, step, the passes it went through and
+    what each changed in this step (from the export's manifest beside it; a foreign file is described as
+    it is)."""
     if not (path.parent / MANIFEST).is_file():
         return report
     manifest = OnnxManifest.read(path.parent)
     return {**report, "model": f"{manifest.spec['name']}/{path.stem} (tokenpass export)",
-            "pipeline": manifest.passes or ["none"]}
+            "pipeline": manifest.passes or ["none"], "export_changes": manifest.changes.get(path.stem, {})}
 
 
 def render_text(report: dict, console: Console, io: bool = False, ops: bool = False, diff: bool = False) -> None:
@@ -203,6 +204,9 @@ def render_text(report: dict, console: Console, io: bool = False, ops: bool = Fa
                       f"({head['norm_kind']})", highlight=False)
     if report.get("pipeline"):
         console.print(f"passes run: {', '.join(report['pipeline'])}", highlight=False)
+    for name, counts in report.get("export_changes", {}).items():
+        shown = ", ".join(f"{what} {n}" for what, n in counts.items())
+        console.print(f"  {name} changed: {shown or 'nodes'}", highlight=False)
     for line in report.get("runtime_requests", []):
         console.print(f"runtime: {line}", highlight=False)
     sites = report["attention_sites"]

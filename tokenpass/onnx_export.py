@@ -8,7 +8,8 @@ batch, token and past axes dynamic and the outputs named ``logits``/``present_ke
 
     out/prefill.onnx    T >= 2 new tokens on a past of any length (0 included)
     out/decode.onnx     one new token on a past of any length
-    out/tokenpass_onnx.json
+    out/tokenpass_onnx.json   the cache layout, the passes and what each changed
+    out/genai_config.json     onnxruntime-genai's config: the two files as a prompt / token pipeline
 
 tokenpass's own ops export through their translations (``ir/onnx_translations.py``: standard ONNX ops,
 inlined; the canonical attention op has one). Passes that rewrite attention onto the runtime's own KV
@@ -37,9 +38,11 @@ from tokenpass.errors import TokenpassError
 from tokenpass.ir.capture import PHASES
 from tokenpass.ir.graph import TokenGraph
 from tokenpass.ir.onnx_translations import onnx_translations
-from tokenpass.passes import Pass
+from tokenpass.passes import Pass, PassResult
+from tokenpass.passes.canonicalize_attention import CanonicalizeAttention
 from tokenpass.passes.lower_kv_cache import LowerKVCache
 from tokenpass.progress import steps as progress
+from tokenpass.runtime.genai_config import write_genai_config
 from tokenpass.runtime.model import OptimizedModel
 from tokenpass.runtime.onnx_session import MANIFEST, OnnxManifest, output_names, phase_file
 
@@ -71,7 +74,8 @@ def export_onnx(model: "nn.Module | OptimizedModel", path: str | Path,
     (types and shapes inferred through every node) on each file."""
     target = Path(path)
     _check_target(target, force)
-    graphs, names = _graphs(model, passes)
+    optimized = _optimized(model, passes)
+    graphs, names = {p: optimized.step_graphs[p] for p in PHASES}, passes_run(optimized.reports)
     for graph in graphs.values():
         check_exportable(graph)
     staging = target.with_name(target.name + ".partial")  # the target changes only once all of it is written
@@ -79,7 +83,8 @@ def export_onnx(model: "nn.Module | OptimizedModel", path: str | Path,
     staging.mkdir(parents=True)
     try:
         opset = _write_steps(graphs, staging, check)
-        OnnxManifest.of(next(iter(graphs.values())).spec, names, opset).write(staging)
+        OnnxManifest.of(optimized.spec, names, opset, pass_changes(optimized.reports)).write(staging)
+        write_genai_config(staging, optimized.spec, token_ids(model))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -109,8 +114,21 @@ def _check_target(target: Path, force: bool) -> None:
         raise ExportError(f"{target} exists and is not a tokenpass ONNX export; refusing to replace it")
 
 
-def _graphs(model: "nn.Module | OptimizedModel", passes: Sequence) -> tuple[dict[str, TokenGraph], list[str]]:
-    """The steps to export and the names of the passes they went through."""
+def token_ids(model: "nn.Module | OptimizedModel") -> dict[str, int | list[int]]:
+    """``bos``/``eos``/``pad`` ids from a Hugging Face model's generation config, else its config (an
+    ``OptimizedModel`` does not carry them: none)."""
+    found: dict[str, int | list[int]] = {}
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        for name in ("bos", "eos", "pad"):
+            value = getattr(source, f"{name}_token_id", None)
+            if name not in found and (isinstance(value, int) or (isinstance(value, list) and value)):
+                found[name] = value
+    return found
+
+
+def _optimized(model: "nn.Module | OptimizedModel", passes: Sequence) -> OptimizedModel:
+    """The model whose steps are exported: ``model`` itself, or ``model`` captured and passed through
+    ``passes`` without lowering onto the runtime cache."""
     if isinstance(model, OptimizedModel):
         if passes:
             raise ExportError("passes are applied when optimizing; export an OptimizedModel as it is, or pass "
@@ -122,20 +140,48 @@ def _graphs(model: "nn.Module | OptimizedModel", passes: Sequence) -> tuple[dict
         missing = [p for p in PHASES if p not in model.step_graphs]
         if missing:
             raise ExportError(f"{model.spec.name} has no {', '.join(missing)} graph to export")
-        reports = model.reports.get(PHASES[0], [])
-        return dict(model.step_graphs), [r.name for r in reports if getattr(r, "modified", False)]
-    requested = user_passes(passes)
+        return model
+    return optimize(model, export_pipeline(user_passes(passes)), lower=False, phases=PHASES)
+
+
+def pass_changes(reports: dict[str, list[PassResult]]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per step, per pass that changed it, its counts (the manifest's record of what each pass did)."""
+    return {phase: {r.pass_name: dict(r.counts) for r in results if r.modified}
+            for phase, results in reports.items() if phase in PHASES}
+
+
+def passes_run(reports: dict[str, list[PassResult]]) -> list[str]:
+    """The passes that changed some exported step, in pipeline order."""
+    names: list[str] = []
+    for phase in PHASES:
+        names += [r.pass_name for r in reports.get(phase, []) if r.modified and r.pass_name not in names]
+    return names
+
+
+def export_pipeline(requested: list[Pass]) -> list[Pass]:
+    """The passes an export runs: the caller's, after ``canonicalize_attention`` when one of them works on
+    canonical attention and nothing earlier provides it. A pass built on the runtime's own KV cache is
+    refused: its graph would read a cache the ONNX file does not have."""
     for p in requested:
-        if p.requires & LowerKVCache.provides:  # built on the runtime's own cache
+        if p.requires & LowerKVCache.provides:
             raise ExportError(f"pass '{p.name}' cannot export to ONNX yet: it rewrites attention onto the "
                               "runtime's KV cache (and its state between steps), which has no ONNX form here")
-    optimized = optimize(model, requested, lower=False, phases=PHASES)
-    return dict(optimized.step_graphs), [p.name for p in requested]
+    canonical = CanonicalizeAttention.provides
+    first = next((i for i, p in enumerate(requested) if p.requires & canonical), None)
+    if first is None or any(p.provides & canonical for p in requested[:first]):
+        return requested
+    return [CanonicalizeAttention(), *requested]
 
 
 def check_exportable(graph: TokenGraph) -> None:
     """Refuse an op of tokenpass's own that has no ONNX translation (a method's runtime op, a layer gate),
-    naming the node and the pass that made it."""
+    naming the node and the pass that made it, and a graph that asks the runtime for per-slot state or a
+    run-time policy (ONNX files carry neither)."""
+    if graph.policies or graph.slot_states:
+        needs = [f"run-time policy '{p.name}'" for p in graph.policies] + \
+                [f"per-slot cache state '{s.name}'" for s in graph.slot_states]
+        raise ExportError(f"{graph.label}: the graph needs the runtime's {needs[0]}, which an ONNX file cannot "
+                          "carry; export without the option that adds it")
     translated = onnx_translations()
     for node in graph.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -157,14 +203,23 @@ def _onnx_program(graph: TokenGraph):
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside the exporter
             program = torch.onnx.export(graph.program, dynamo=True, optimize=True, verbose=False, opset_version=OPSET,
                                         custom_translation_table=onnx_translations())
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; one line with its first line
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ExportError(f"{graph.label}: torch.onnx.export failed: {type(exc).__name__}: {first}") from None
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; one line with the root cause's
+        cause = root_cause(exc)
+        first = (str(cause).strip().splitlines() or [""])[0]
+        raise ExportError(f"{graph.label}: torch.onnx.export failed: {type(cause).__name__}: {first}") from None
     finally:
         exporter_log.setLevel(level)
     _name_outputs(program.model.graph, graph.spec.num_layers)
     _name_dims(program.model.graph)
     return program
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception at the bottom of ``exc``'s chain: what a translation raised, not the exporter's wrapping
+    of it (three layers of "Error when translating node ...")."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 def _name_outputs(onnx_graph, num_layers: int) -> None:

@@ -1,10 +1,13 @@
 """The ONNX runtime against the torch runtime on one model: same tokens, logits, decode tokens/s.
 
-Exports the model (``tokenpass.export_onnx``, timed), generates ``--tokens`` greedy tokens from the same
-prompt with both runtimes and compares them token for token, compares the prompt's logits, then times
-decode steps: every round runs each runtime once (interleaved), medians reported.
+Exports the model after ``--passes`` (``tokenpass.export_onnx``, timed) and optimises it with the same
+passes for the torch runtime; generates ``--tokens`` greedy tokens from the same prompt with both and
+compares them token for token, compares the prompt's logits and the decode steps' logits (teacher-forced
+on the torch runtime's tokens), then times decode steps: every round runs each runtime once
+(interleaved), medians reported.
 
     .venv/bin/python tools/bench_onnx.py --model smollm2 --tokens 64 --rounds 5
+    .venv/bin/python tools/bench_onnx.py --model smollm2 --context 512 --passes tidaldecode:top_k=128
 """
 
 from __future__ import annotations
@@ -40,13 +43,24 @@ def decode_seconds(model, ids: torch.Tensor, tokens: int) -> float:
     return (time.perf_counter() - start - prefill) / tokens
 
 
+def decode_logits(model, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of every decode step when ``tokens`` after the first ``prompt`` are fed one per step."""
+    session = model.session(tokens.shape[0], capacity=tokens.shape[1])
+    positions = torch.arange(tokens.shape[1])[None].expand(tokens.shape[0], -1)
+    valid = torch.ones_like(tokens)
+    session.step(tokens[:, :prompt], valid[:, :prompt], positions[:, :prompt])
+    steps = [session.step(tokens[:, t : t + 1], valid[:, t : t + 1], positions[:, t : t + 1])
+             for t in range(prompt, tokens.shape[1])]
+    return torch.cat(steps, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2 or a tiny family")
     parser.add_argument("--context", type=int, default=128, help="prompt tokens")
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens compared, and decode steps timed")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--passes", default="", help="comma-separated exact passes applied before export")
+    parser.add_argument("--passes", default="", help="comma-separated passes (name:option=value) for both runtimes")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -55,7 +69,7 @@ def main() -> None:
     model = tokenpass.load(args.model) if args.model == "smollm2" else tokenpass.tiny(args.model)
     model.eval()
     ids = prompt_ids(args.model, model.config.vocab_size, args.context)
-    torch_runtime = tokenpass.optimize(model, [])
+    torch_runtime = tokenpass.optimize(model, passes)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         export = tokenpass.export_onnx(model, Path(tmp) / "onnx", passes=passes)
@@ -64,6 +78,8 @@ def main() -> None:
         torch_tokens = torch_runtime.generate(ids, max_new_tokens=args.tokens)
         onnx_tokens = onnx_runtime.generate(ids, max_new_tokens=args.tokens)
         logits_diff = float((onnx_runtime(ids) - torch_runtime(ids)).abs().max())
+        step_diff = float((decode_logits(onnx_runtime, torch_tokens, ids.shape[1])
+                           - decode_logits(torch_runtime, torch_tokens, ids.shape[1])).abs().max())
         timings: dict[str, list[float]] = {"torch": [], "onnx": []}
         for _ in range(args.rounds):
             for name, runtime in (("torch", torch_runtime), ("onnx", onnx_runtime)):
@@ -78,7 +94,7 @@ def main() -> None:
         "greedy_tokens_equal": bool(torch.equal(torch_tokens, onnx_tokens)),
         "first_difference": next((i for i, (a, b) in enumerate(zip(torch_tokens[0, new].tolist(),
                                                                      onnx_tokens[0, new].tolist())) if a != b), None),
-        "max_logit_difference": logits_diff,
+        "max_logit_difference": logits_diff, "max_decode_logit_difference": step_diff,
         "decode_tokens_per_s": {name: round(1 / s, 2) for name, s in per_step.items()},
         "onnx_vs_torch": round(per_step["torch"] / per_step["onnx"], 3),
     }, indent=1))

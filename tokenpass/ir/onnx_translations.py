@@ -44,7 +44,7 @@ def attention_onnx(query, key, value, mask=None, scale: float = 1.0, is_causal: 
     if softcap is not None:
         cap = op.CastLike(softcap, query)
         scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
-    if mask is not None and not _is_bool(mask):  # an additive mask (HF's eager path)
+    if mask is not None and not is_bool(mask):  # an additive mask (HF's eager path)
         scores = op.Add(scores, op.Unsqueeze(mask, [2]))
         mask = None
     keep = _keep(op, mask, is_causal, scores)
@@ -55,7 +55,7 @@ def attention_onnx(query, key, value, mask=None, scale: float = 1.0, is_causal: 
     return op.Reshape(op.MatMul(probs, values), op.Shape(query))
 
 
-def _is_bool(value) -> bool:
+def is_bool(value) -> bool:
     import onnx_ir as ir
 
     return getattr(value, "dtype", None) == ir.DataType.BOOL

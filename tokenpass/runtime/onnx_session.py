@@ -46,12 +46,14 @@ class OnnxManifest:
     passes: list[str] = field(default_factory=list)
     opset: int | None = None
     format: int = MANIFEST_FORMAT
+    changes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # step -> pass -> counts
 
     @classmethod
-    def of(cls, spec: ModelSpec, passes: list[str], opset: int | None) -> "OnnxManifest":
+    def of(cls, spec: ModelSpec, passes: list[str], opset: int | None,
+           changes: dict[str, dict[str, dict[str, int]]] | None = None) -> "OnnxManifest":
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "device"}
         fields.update(dtype=str(spec.dtype).removeprefix("torch."), layer_windows=list(spec.layer_windows))
-        return cls(fields, passes, opset)
+        return cls(fields, passes, opset, changes=changes or {})
 
     def model_spec(self) -> ModelSpec:
         """The ``ModelSpec`` the runtime builds caches from (on the CPU, where the numpy arrays live)."""

@@ -1,0 +1,98 @@
+"""Method passes in ONNX exports: the ONNX runtime decodes what the torch runtime decodes with the method.
+
+TidalDecode exports on the explicit cache (``tokenpass.explicit_selection_attention`` and
+``explicit_sparse_attention``, translated into standard ONNX ops): its state between steps is the
+standard past/present cache, so the export runs under stock onnxruntime with no extra inputs.
+"""
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tokenpass
+from tokenpass.cli import app
+from tokenpass.onnx_export import ExportError, export_onnx
+from tokenpass.runtime.onnx_session import OnnxModel
+
+from conftest import genai_generate, padded_batch, teacher_forced
+
+FAMILIES = ("llama", "gpt2", "gemma")  # RoPE + GQA, learnt positions + MHA, soft-capped GQA
+NEW_TOKENS = 64
+PROMPT, FORCED = 16, 12  # teacher-forced decode steps past a prompt longer than top_k
+
+
+def sparse() -> tokenpass.TidalDecode:
+    """Layer 1 selects 4 slots per KV head (ranking with a quarter of the channels), layers 2-3 read them."""
+    return tokenpass.TidalDecode(top_k=4, sparse_start=1, selection_layers=[1])
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def exported(request, tmp_path_factory):
+    model = tokenpass.tiny(request.param).eval()
+    directory = tmp_path_factory.mktemp("onnx") / request.param
+    return model, export_onnx(model, directory, passes=[sparse()])
+
+
+def test_tidaldecode_onnx_generates_the_torch_runtimes_tokens_for_a_left_padded_batch(exported):
+    model, result = exported
+    ids, mask = padded_batch(model.config.vocab_size, batch=2, length=12, pad=5)
+    expected = tokenpass.optimize(model, [sparse()]).generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(OnnxModel(result.directory).generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
+
+
+def test_tidaldecode_onnx_decode_logits_match_the_torch_runtime_and_differ_from_dense(exported):
+    """Within 1e-3 of the torch runtime's sparse decode, while sparse decode is visibly not dense (so the
+    comparison would catch an export that dropped the method)."""
+    model, result = exported
+    ids, mask = padded_batch(model.config.vocab_size, batch=2, length=PROMPT + FORCED, pad=3)
+    got, _ = teacher_forced(OnnxModel(result.directory), ids, mask, PROMPT)
+    expected, _ = teacher_forced(tokenpass.optimize(model, [sparse()]), ids, mask, PROMPT)
+    dense, _ = teacher_forced(tokenpass.optimize(model, []), ids, mask, PROMPT)
+    assert (got - expected).abs().max() < 1e-3
+    assert (expected - dense).abs().max() > 1e-2
+
+
+def test_onnxruntime_genai_generates_the_torch_runtimes_tidaldecode_tokens(exported):
+    """onnxruntime-genai's own generator, reading the export's genai_config.json (prefill on the prompt,
+    TidalDecode's decode step on each new token), generates the torch runtime's tokens."""
+    model, result = exported
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    expected = tokenpass.optimize(model, [sparse()]).generate(ids, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(genai_generate(result.directory, ids, NEW_TOKENS), expected)
+
+
+def test_tidaldecode_export_is_standard_onnx_and_records_what_the_pass_changed(exported):
+    model, result = exported
+    assert result.passes == ["canonicalize_attention", "tidaldecode"]  # canonicalisation added for the method
+    decode = onnx.load(str(result.files["decode"]))
+    assert all(node.domain in ("", "ai.onnx") for node in decode.graph.node)
+    assert {"TopK", "GatherElements"} <= {node.op_type for node in decode.graph.node}
+    assert "TopK" not in {node.op_type for node in onnx.load(str(result.files["prefill"])).graph.node}
+    out = CliRunner().invoke(app, ["inspect", str(result.files["decode"])])
+    assert out.exit_code == 0, out.output
+    assert "tidaldecode changed: dense_layers 1, selection_layers 1, sparse_layers 2, explicit_cache 1" in out.output
+
+
+def test_the_papers_configuration_exports_too(tmp_path):
+    """Per-query-head selection and dense selection layers: the translation's other branches."""
+    model = tokenpass.tiny("llama").eval()
+    paper = tokenpass.TidalDecode(top_k=4, sparse_start=1, selection_layers=[1], per_kv_head=False,
+                                  sparse_selection_output=False)
+    ids, mask = padded_batch(model.config.vocab_size, batch=2, length=12, pad=5)
+    expected = tokenpass.optimize(model, [paper]).generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    assert not torch.equal(expected, tokenpass.optimize(model, []).generate(ids, mask, max_new_tokens=NEW_TOKENS))
+    export = export_onnx(model, tmp_path / "paper", passes=[paper])
+    assert torch.equal(OnnxModel(export.directory).generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
+
+
+def test_options_needing_the_runtime_are_refused_in_one_line(tmp_path):
+    model = tokenpass.tiny("llama")
+    refusal = "correction_interval re-encodes tokens in the runtime's cache"
+    with pytest.raises(tokenpass.PassError, match=refusal) as info:
+        export_onnx(model, tmp_path / "a", passes=[tokenpass.TidalDecode(top_k=4, correction_interval=4)])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ExportError, match=r"score_dtype=\.\.\.\) has no ONNX form yet") as info:
+        export_onnx(model, tmp_path / "b", passes=[tokenpass.TidalDecode(top_k=4, score_dtype="bfloat16")])
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
