@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import tokenpass
 from tokenpass.cli import app
-from tokenpass.onnx_export import ExportError, export_onnx
+from tokenpass.ir.requests import PolicySpec
+from tokenpass.onnx_export import ExportError, check_exportable, export_onnx
 from tokenpass.runtime.onnx_session import OnnxModel
 
 from conftest import genai_generate, padded_batch, teacher_forced
@@ -96,3 +97,22 @@ def test_options_needing_the_runtime_are_refused_in_one_line(tmp_path):
         export_onnx(model, tmp_path / "b", passes=[tokenpass.TidalDecode(top_k=4, score_dtype="bfloat16")])
     assert "\n" not in str(info.value)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_optimized_model_made_without_lowering_exports_as_it_is(tmp_path):
+    """``export_onnx(OptimizedModel)`` records the passes its graphs went through (it used to fail reading
+    their names) and generates what the torch runtime generates with them."""
+    model = tokenpass.tiny("llama").eval()
+    optimized = tokenpass.optimize(model, ["canonicalize_attention", sparse()], lower=False)
+    export = export_onnx(optimized, tmp_path / "optimized")
+    assert export.passes == ["canonicalize_attention", "tidaldecode"]
+    ids, mask = padded_batch(model.config.vocab_size, batch=2, length=12, pad=5)
+    assert torch.equal(OnnxModel(export.directory).generate(ids, mask, max_new_tokens=NEW_TOKENS),
+                       optimized.generate(ids, mask, max_new_tokens=NEW_TOKENS))
+
+
+def test_a_graph_asking_the_runtime_for_a_policy_or_cache_state_is_refused_naming_it():
+    graph = tokenpass.optimize(tokenpass.tiny("llama"), [], lower=False).step_graphs["decode"]
+    graph.add_policy(PolicySpec.of("tidaldecode.cache_correction", interval=4))
+    with pytest.raises(ExportError, match="needs the runtime's run-time policy 'tidaldecode.cache_correction'"):
+        check_exportable(graph)

@@ -4,7 +4,8 @@ Exports the model after ``--passes`` (``tokenpass.export_onnx``, timed) and opti
 passes for the torch runtime; generates ``--tokens`` greedy tokens from the same prompt with both and
 compares them token for token, compares the prompt's logits and the decode steps' logits (teacher-forced
 on the torch runtime's tokens), then times decode steps: every round runs each runtime once
-(interleaved), medians reported.
+(interleaved), medians reported. onnxruntime-genai's own generator runs the export too (its
+``genai_config.json``): its tokens are compared and its decode steps timed in the same rounds.
 
     .venv/bin/python tools/bench_onnx.py --model smollm2 --tokens 64 --rounds 5
     .venv/bin/python tools/bench_onnx.py --model smollm2 --context 512 --passes tidaldecode:top_k=128
@@ -43,6 +44,29 @@ def decode_seconds(model, ids: torch.Tensor, tokens: int) -> float:
     return (time.perf_counter() - start - prefill) / tokens
 
 
+class GenaiRunner:
+    """onnxruntime-genai's generator over an export, with ``generate`` shaped like the runtimes' (batch 1)."""
+
+    def __init__(self, directory: Path):
+        import onnxruntime_genai as og
+
+        self.og, self.model = og, og.Model(str(directory))
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=ids.shape[1] + max_new_tokens, do_sample=False)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids.int().numpy())
+        while not generator.is_done():
+            generator.generate_next_token()
+        return torch.from_numpy(generator.get_sequence(0)).long()[None]
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor, start: int) -> int | None:
+    """The first new-token index where two ``[1, T]`` generations differ (None: equal as far as both go)."""
+    return next((i for i, (x, y) in enumerate(zip(a[0, start:].tolist(), b[0, start:].tolist())) if x != y), None)
+
+
 def decode_logits(model, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
     """Logits of every decode step when ``tokens`` after the first ``prompt`` are fed one per step."""
     session = model.session(tokens.shape[0], capacity=tokens.shape[1])
@@ -75,28 +99,31 @@ def main() -> None:
         export = tokenpass.export_onnx(model, Path(tmp) / "onnx", passes=passes)
         export_s = time.perf_counter() - start
         onnx_runtime = tokenpass.OnnxModel(export.directory)
+        genai = GenaiRunner(export.directory)
         torch_tokens = torch_runtime.generate(ids, max_new_tokens=args.tokens)
         onnx_tokens = onnx_runtime.generate(ids, max_new_tokens=args.tokens)
+        genai_tokens = genai.generate(ids, max_new_tokens=args.tokens)
         logits_diff = float((onnx_runtime(ids) - torch_runtime(ids)).abs().max())
         step_diff = float((decode_logits(onnx_runtime, torch_tokens, ids.shape[1])
                            - decode_logits(torch_runtime, torch_tokens, ids.shape[1])).abs().max())
-        timings: dict[str, list[float]] = {"torch": [], "onnx": []}
+        timings: dict[str, list[float]] = {"torch": [], "onnx": [], "genai": []}
         for _ in range(args.rounds):
-            for name, runtime in (("torch", torch_runtime), ("onnx", onnx_runtime)):
+            for name, runtime in (("torch", torch_runtime), ("onnx", onnx_runtime), ("genai", genai)):
                 timings[name].append(decode_seconds(runtime, ids, args.tokens))
         file_mb = {p: f.stat().st_size / 2**20 for p, f in export.files.items()}
     per_step = {name: statistics.median(values) for name, values in timings.items()}
-    new = slice(ids.shape[1], None)
     print(json.dumps({
         "model": args.model, "passes": passes, "context": args.context, "tokens": args.tokens,
         "rounds": args.rounds, "threads": torch.get_num_threads(), "export_s": round(export_s, 1),
         "file_mb": {p: round(mb, 1) for p, mb in file_mb.items()}, "opset": export.opset,
         "greedy_tokens_equal": bool(torch.equal(torch_tokens, onnx_tokens)),
-        "first_difference": next((i for i, (a, b) in enumerate(zip(torch_tokens[0, new].tolist(),
-                                                                     onnx_tokens[0, new].tolist())) if a != b), None),
+        "first_difference": first_difference(torch_tokens, onnx_tokens, ids.shape[1]),
+        "genai_tokens_equal": bool(torch.equal(torch_tokens, genai_tokens)),
+        "genai_first_difference": first_difference(torch_tokens, genai_tokens, ids.shape[1]),
         "max_logit_difference": logits_diff, "max_decode_logit_difference": step_diff,
         "decode_tokens_per_s": {name: round(1 / s, 2) for name, s in per_step.items()},
         "onnx_vs_torch": round(per_step["torch"] / per_step["onnx"], 3),
+        "genai_vs_torch": round(per_step["torch"] / per_step["genai"], 3),
     }, indent=1))
 
 
