@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # registry, declared slot states and policies, so these stay the same when a method is added.
 CORE = ["tokenpass/runtime/generate.py", "tokenpass/runtime/model.py", "tokenpass/runtime/executor.py",
         "tokenpass/runtime/session.py", "tokenpass/runtime/kv_cache.py", "tokenpass/runtime/ops.py",
-        "tokenpass/bench.py", "tokenpass/ir/sites.py", "tokenpass/ir/graph.py", "tokenpass/api.py"]
+        "tokenpass/bench.py", "tokenpass/ir/sites.py", "tokenpass/ir/graph.py", "tokenpass/api.py",
+        "tokenpass/ir/onnx_slots.py", "tokenpass/ir/onnx_translations.py", "tokenpass/passes/explicit_cache.py",
+        "tokenpass/runtime/genai_config.py", "tokenpass/runtime/onnx_session.py", "tokenpass/onnx_export.py"]
 METHOD_WORDS = re.compile(r"tidal|\bselection_attention\b|\bsparse_attention\b|keyformer|tokenselect|h2o|streamingllm|"
                           r"skipdecode|correction", re.IGNORECASE)
 

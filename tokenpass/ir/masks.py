@@ -42,6 +42,16 @@ def visible(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def one_query_liveness(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
+    """``[B, Hkv, S]`` liveness of the slots of ``key`` ``[B, Hkv, S, D]`` from a one-query step's mask
+    ``[B, 1|H, 1, S]`` (None: every slot is live). Only for masks checked to be causal + padding on every
+    head (``lower_kv_cache.mask_misses``): the first head's row then speaks for all."""
+    if mask is None:
+        return None
+    b, hkv, s, _ = key.shape
+    return visible(mask)[:, :1, -1, :].expand(b, hkv, s)
+
+
 def expected_visibility(attention_mask: torch.Tensor, new: int, window: int) -> torch.Tensor:
     """``[B, T, S]``: key j visible to query i iff j is a real token, j <= i, and (window) i - j < window,
     counting positions over real tokens as the runtime does (on ``attention_mask``'s device, the model's)."""

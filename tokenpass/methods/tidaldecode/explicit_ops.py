@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenpass.ir.masks import visible
+from tokenpass.ir.masks import one_query_liveness
 from tokenpass.ir.op_registry import register_attention_op
 from tokenpass.kernels.sparse_attention_ref import (
     decode_scores,
@@ -54,19 +54,10 @@ def _sparse_fake(query, key, value, mask, slots, scale, layer, softcap=None):
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-def live_slots(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
-    """``[B, Hkv, S]`` liveness of the slots from the one-query mask (None: every slot is live). The pass
-    checked the mask is causal + padding on every head, so the first head's row speaks for all."""
-    if mask is None:
-        return None
-    b, hkv, s, _ = key.shape
-    return visible(mask)[:, :1, -1, :].expand(b, hkv, s)
-
-
 @torch.library.impl(EXPLICIT_SELECTION, "CompositeExplicitAutograd")
 def explicit_selection_attention(query, key, value, mask, scale, layer, top_k, per_kv_head, sparse_output,
                                  score_dtype=None, score_channels=0, softcap=None):
-    valid = live_slots(mask, key)
+    valid = one_query_liveness(mask, key)
     if not sparse_output:
         out, slots = selection_attention_reference(query, key, value, valid, scale, top_k, per_kv_head, False, softcap)
         return out.contiguous(), slots.contiguous()
@@ -81,7 +72,7 @@ def explicit_selection_attention(query, key, value, mask, scale, layer, top_k, p
 
 @torch.library.impl(EXPLICIT_SPARSE, "CompositeExplicitAutograd")
 def explicit_sparse_attention(query, key, value, mask, slots, scale, layer, softcap=None):
-    valid = live_slots(mask, key)
+    valid = one_query_liveness(mask, key)
     return sparse_attention_reference(query, key, value, valid, slots, scale, softcap).contiguous()
 
 

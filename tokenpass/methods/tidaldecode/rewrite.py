@@ -56,14 +56,13 @@ import torch
 from tokenpass.errors import PassError
 from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.graph import TokenGraph
-from tokenpass.ir.ops import attention_op, cached_attention_op
 from tokenpass.ir.sites import AttentionSite
 from tokenpass.ir.requests import PolicySpec, SlotState
 from tokenpass.methods.tidaldecode.correction import POLICY as CORRECTION_POLICY
 from tokenpass.methods.tidaldecode.explicit_ops import explicit_selection_op, explicit_sparse_op
 from tokenpass.methods.tidaldecode.ops import SCORE_KEYS, selection_attention_op, sparse_attention_op
 from tokenpass.passes.base import Miss, Pass, PassResult
-from tokenpass.passes.lower_kv_cache import cache_update_miss, mask_misses
+from tokenpass.passes.explicit_cache import EXPLICIT, cache_form
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node
 
@@ -209,24 +208,14 @@ class TidalDecode(Pass):
         return result
 
     def _form(self, graph: TokenGraph, sites: list[AttentionSite], result: PassResult) -> tuple:
-        """Which ops the rewrite uses: the runtime-cache ones when the graph is lowered, the explicit-cache
-        ones on canonical attention whose cache is ``cat(past, new)`` and whose mask is causal + padding
-        (what the ops read liveness from). Anything else goes into ``result.misses``."""
-        targets = {graph.node(s.node).target for s in sites}
-        if targets == {cached_attention_op}:
-            return CACHED_FORM
-        if targets != {attention_op}:
-            result.misses = [Miss(s.label, "canonical attention or attention on the runtime cache",
-                                  f"op is {s.op}; run canonicalize_attention (and lower_kv_cache) first")
-                             for s in sites if graph.node(s.node).target != attention_op]
-            return EXPLICIT_FORM
-        if self.correction_interval:
+        """The ops the rewrite uses: the runtime-cache ones on a lowered graph, else the explicit-cache
+        ones (``passes/explicit_cache.py``), which cannot re-encode tokens for cache correction. Why
+        neither applies goes into ``result.misses``."""
+        form, result.misses = cache_form(graph, sites)
+        if form == EXPLICIT and self.correction_interval and not result.misses:
             result.misses = [Miss(graph.label, "the runtime KV cache", "correction_interval re-encodes tokens in the "
                                   "runtime's cache; lower the graph (lower=True) or leave correction_interval unset")]
-            return EXPLICIT_FORM
-        full = [s for s in sites if not s.window]
-        result.misses = [m for m in map(cache_update_miss, full) if m] or mask_misses(graph, full)
-        return EXPLICIT_FORM
+        return EXPLICIT_FORM if form == EXPLICIT else CACHED_FORM
 
     def placed_selection_layers(self, sites) -> set[int]:
         """The selection layers, each windowed one moved up to the next full-attention layer (windowed
