@@ -1,8 +1,8 @@
 """Method passes in ONNX exports: the ONNX runtime decodes what the torch runtime decodes with the method.
 
-TidalDecode exports on the explicit cache (``tokenpass.explicit_selection_attention`` and
-``explicit_sparse_attention``, translated into standard ONNX ops): its state between steps is the
-standard past/present cache, so the export runs under stock onnxruntime with no extra inputs.
+TidalDecode and TokenSelect (``theta=None``) export on the explicit cache (their explicit-cache ops,
+translated into standard ONNX ops): their state between steps is the standard past/present cache, so
+the export runs under stock onnxruntime and onnxruntime-genai with no extra inputs.
 """
 
 import onnx
@@ -18,9 +18,8 @@ from tokenpass.runtime.onnx_session import OnnxModel
 
 from conftest import genai_generate, padded_batch, teacher_forced
 
-FAMILIES = ("llama", "gpt2", "gemma")  # RoPE + GQA, learnt positions + MHA, soft-capped GQA
 NEW_TOKENS = 64
-PROMPT, FORCED = 16, 12  # teacher-forced decode steps past a prompt longer than top_k
+PROMPT, FORCED = 16, 12  # teacher-forced decode steps past a prompt longer than what the methods read
 
 
 def sparse() -> tokenpass.TidalDecode:
@@ -28,51 +27,65 @@ def sparse() -> tokenpass.TidalDecode:
     return tokenpass.TidalDecode(top_k=4, sparse_start=1, selection_layers=[1])
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+def select() -> tokenpass.TokenSelect:
+    """Every layer reads the first 2, the last 3 and 4 soft-voted tokens; no selection cache."""
+    return tokenpass.TokenSelect(top_k=4, n_init=2, n_local=3, theta=None)
+
+
+METHODS = {"tidaldecode": sparse, "tokenselect": select}
+CHANGES = {"tidaldecode": "dense_layers 1, selection_layers 1, sparse_layers 2, explicit_cache 1",
+           "tokenselect": "selecting_layers 4, explicit_cache 1"}
+# RoPE + GQA, learnt positions + MHA, soft-capped GQA with an additive mask (TokenSelect shares the
+# mask and slot-attention translation with TidalDecode, so one family covers its own arithmetic)
+CASES = [("tidaldecode", "llama"), ("tidaldecode", "gpt2"), ("tidaldecode", "gemma"), ("tokenselect", "llama")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(case) for case in CASES])
 def exported(request, tmp_path_factory):
-    model = tokenpass.tiny(request.param).eval()
-    directory = tmp_path_factory.mktemp("onnx") / request.param
-    return model, export_onnx(model, directory, passes=[sparse()])
+    method, family = request.param
+    model = tokenpass.tiny(family).eval()
+    directory = tmp_path_factory.mktemp("onnx") / f"{method}-{family}"
+    return model, method, export_onnx(model, directory, passes=[METHODS[method]()])
 
 
-def test_tidaldecode_onnx_generates_the_torch_runtimes_tokens_for_a_left_padded_batch(exported):
-    model, result = exported
+def test_the_onnx_runtime_generates_the_torch_runtimes_tokens_for_a_left_padded_batch(exported):
+    model, name, result = exported
     ids, mask = padded_batch(model.config.vocab_size, batch=2, length=12, pad=5)
-    expected = tokenpass.optimize(model, [sparse()]).generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    expected = tokenpass.optimize(model, [METHODS[name]()]).generate(ids, mask, max_new_tokens=NEW_TOKENS)
     assert torch.equal(OnnxModel(result.directory).generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
 
 
-def test_tidaldecode_onnx_decode_logits_match_the_torch_runtime_and_differ_from_dense(exported):
-    """Within 1e-3 of the torch runtime's sparse decode, while sparse decode is visibly not dense (so the
+def test_onnx_decode_logits_match_the_torch_runtime_and_differ_from_dense(exported):
+    """Within 1e-3 of the torch runtime's decode with the method, while that is visibly not dense (so the
     comparison would catch an export that dropped the method)."""
-    model, result = exported
+    model, name, result = exported
     ids, mask = padded_batch(model.config.vocab_size, batch=2, length=PROMPT + FORCED, pad=3)
     got, _ = teacher_forced(OnnxModel(result.directory), ids, mask, PROMPT)
-    expected, _ = teacher_forced(tokenpass.optimize(model, [sparse()]), ids, mask, PROMPT)
+    expected, _ = teacher_forced(tokenpass.optimize(model, [METHODS[name]()]), ids, mask, PROMPT)
     dense, _ = teacher_forced(tokenpass.optimize(model, []), ids, mask, PROMPT)
     assert (got - expected).abs().max() < 1e-3
     assert (expected - dense).abs().max() > 1e-2
 
 
-def test_onnxruntime_genai_generates_the_torch_runtimes_tidaldecode_tokens(exported):
+def test_onnxruntime_genai_generates_the_torch_runtimes_tokens(exported):
     """onnxruntime-genai's own generator, reading the export's genai_config.json (prefill on the prompt,
-    TidalDecode's decode step on each new token), generates the torch runtime's tokens."""
-    model, result = exported
+    the method's decode step on each new token), generates the torch runtime's tokens."""
+    model, name, result = exported
     ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
-    expected = tokenpass.optimize(model, [sparse()]).generate(ids, max_new_tokens=NEW_TOKENS)
+    expected = tokenpass.optimize(model, [METHODS[name]()]).generate(ids, max_new_tokens=NEW_TOKENS)
     assert torch.equal(genai_generate(result.directory, ids, NEW_TOKENS), expected)
 
 
-def test_tidaldecode_export_is_standard_onnx_and_records_what_the_pass_changed(exported):
-    model, result = exported
-    assert result.passes == ["canonicalize_attention", "tidaldecode"]  # canonicalisation added for the method
+def test_the_export_is_standard_onnx_and_records_what_the_pass_changed(exported):
+    _, method, result = exported
+    assert result.passes == ["canonicalize_attention", method]  # canonicalisation added for the method
     decode = onnx.load(str(result.files["decode"]))
     assert all(node.domain in ("", "ai.onnx") for node in decode.graph.node)
     assert {"TopK", "GatherElements"} <= {node.op_type for node in decode.graph.node}
     assert "TopK" not in {node.op_type for node in onnx.load(str(result.files["prefill"])).graph.node}
     out = CliRunner().invoke(app, ["inspect", str(result.files["decode"])])
     assert out.exit_code == 0, out.output
-    assert "tidaldecode changed: dense_layers 1, selection_layers 1, sparse_layers 2, explicit_cache 1" in out.output
+    assert f"{method} changed: {CHANGES[method]}" in out.output
 
 
 def test_the_papers_configuration_exports_too(tmp_path):
@@ -88,6 +101,7 @@ def test_the_papers_configuration_exports_too(tmp_path):
 
 
 def test_options_needing_the_runtime_are_refused_in_one_line(tmp_path):
+    """Cache correction and TokenSelect's selection cache keep or redo work in the runtime's cache."""
     model = tokenpass.tiny("llama")
     refusal = "correction_interval re-encodes tokens in the runtime's cache"
     with pytest.raises(tokenpass.PassError, match=refusal) as info:
@@ -96,7 +110,10 @@ def test_options_needing_the_runtime_are_refused_in_one_line(tmp_path):
     with pytest.raises(ExportError, match=r"score_dtype=\.\.\.\) has no ONNX form yet") as info:
         export_onnx(model, tmp_path / "b", passes=[tokenpass.TidalDecode(top_k=4, score_dtype="bfloat16")])
     assert "\n" not in str(info.value)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(tokenpass.PassError, match="theta=0.9 reuses selections kept in the runtime's cache") as info:
+        export_onnx(model, tmp_path / "c", passes=[tokenpass.TokenSelect()])
+    assert "\n" not in str(info.value)
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_an_optimized_model_made_without_lowering_exports_as_it_is(tmp_path):

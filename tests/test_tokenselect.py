@@ -125,3 +125,31 @@ def test_the_vote_kernel_equals_the_reference(softcap):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[:2].sum(-1), torch.full((2,), 6.0))  # six heads, each a distribution
     assert (got[2] == 0).all() and (got[~candidates] == 0).all()
+
+
+EXPLICIT = TokenSelect(top_k=6, n_init=2, n_local=5, theta=None)  # what ONNX exports run
+
+
+def test_on_explicit_cache_tensors_it_generates_the_runtime_forms_tokens():
+    """Positive (explicit form, no selection cache): every layer gets the explicit-cache op, by count,
+    and a left-padded batch decodes the runtime form's tokens, which are not dense decoding's."""
+    model = tokenpass.tiny("llama")
+    explicit = tokenpass.optimize(model, ["canonicalize_attention", EXPLICIT], lower=False)
+    assert report(explicit).counts == {"selecting_layers": 4, "explicit_cache": 1}
+    ids, mask = padded_batch(model.config.vocab_size, length=24, pad=5)
+    tokens = explicit.generate(ids, mask, max_new_tokens=48)
+    assert torch.equal(tokens, tokenpass.optimize(model, [EXPLICIT]).generate(ids, mask, max_new_tokens=48))
+    assert not torch.equal(tokens, tokenpass.optimize(model, []).generate(ids, mask, max_new_tokens=48))
+
+
+def test_on_explicit_cache_tensors_a_second_application_is_a_no_op():
+    explicit = tokenpass.optimize(tokenpass.tiny("llama"), ["canonicalize_attention", EXPLICIT, EXPLICIT],
+                                  lower=False)
+    first, second = [r for r in explicit.reports["decode"] if r.pass_name == "tokenselect"]
+    assert first.modified and second.counts == {"already_applied": 1}
+
+
+def test_on_explicit_cache_tensors_the_selection_cache_is_refused_with_its_reason():
+    """Negative (explicit form): theta reuses selections the runtime keeps between steps."""
+    with pytest.raises(PassError, match="could not apply: .*theta=0.5 reuses selections kept in the runtime"):
+        tokenpass.optimize(tokenpass.tiny("llama"), ["canonicalize_attention", TokenSelect(theta=0.5)], lower=False)

@@ -3,7 +3,7 @@
 onnxruntime-genai runs a decoder split into several ONNX files as a *pipeline*: each stage names its
 file, inputs and outputs and whether it runs on the prompt, on generated tokens, or both. A tokenpass
 export is exactly two such stages: ``prefill.onnx`` for the prompt and ``decode.onnx`` for each new
-token (where a method such as TidalDecode rewrote the decode step only), both taking and returning the
+token (where a decode-only method rewrote the decode step only), both taking and returning the
 standard past/present cache, which onnxruntime-genai keeps between steps::
 
     {"model": {"type": "decoder-pipeline", "eos_token_id": 2, "decoder": {

@@ -15,6 +15,12 @@ After::
 
     out_l = tokenpass.token_select_attention(q_l, k_l, v_l, scale, l, n_init, n_local, top_k, theta)
 
+Explicit cache (a graph not lowered, e.g. for ``export_onnx``): with ``theta=None`` (no selection cache,
+so no state between steps) the same rewrite goes onto ``tokenpass.explicit_token_select_attention``,
+which reads ``cat(past, new)`` keys/values and the model's mask (``passes/explicit_cache.py``)::
+
+    out_l = tokenpass.explicit_token_select_attention(q_l, cat(past_k_l, k_l), cat(past_v_l, v_l), mask, ...)
+
 Sliding-window layers stay windowed-dense (a window already bounds what they read). Keys keep their
 original positions; the paper's contiguous re-positioning (its length-extrapolation claim) is not built.
 Defaults are scaled to a small model: n_init 4, n_local 128, top_k 512.
@@ -27,13 +33,15 @@ from typing import ClassVar
 
 from tokenpass.errors import PassError
 from tokenpass.ir.graph import TokenGraph
-from tokenpass.ir.ops import cached_attention_op
+from tokenpass.methods.tokenselect.explicit_ops import explicit_token_select_op
 from tokenpass.methods.tokenselect.ops import token_select_attention_op
 from tokenpass.passes.base import Miss, Pass, PassResult
+from tokenpass.passes.explicit_cache import EXPLICIT, cache_form
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node
 
 NEVER = 2.0  # a cosine threshold no query reaches: the selection cache off
+SELECTING_OPS = (token_select_attention_op, explicit_token_select_op)
 
 
 @register
@@ -41,7 +49,7 @@ NEVER = 2.0  # a cosine threshold no query reaches: the selection cache off
 class TokenSelect(Pass):
     name: ClassVar[str] = "tokenselect"
     exact: ClassVar[bool] = False
-    requires: ClassVar[frozenset[str]] = frozenset({"runtime_kv_cache"})
+    requires: ClassVar[frozenset[str]] = frozenset({"attention_canonical"})
     provides: ClassVar[frozenset[str]] = frozenset({"token_selection"})
     phases: ClassVar[tuple[str, ...]] = ("decode",)
 
@@ -63,11 +71,14 @@ class TokenSelect(Pass):
     def run(self, graph: TokenGraph) -> PassResult:
         result = PassResult(self.name, graph)
         sites = graph.sites().attention
-        if any(graph.node(s.node).target == token_select_attention_op for s in sites):
+        if any(graph.node(s.node).target in SELECTING_OPS for s in sites):
             result.counts["already_applied"] = 1
             return result
-        result.misses = [Miss(s.label, "attention on the runtime cache", f"op is {s.op}; run lower_kv_cache first")
-                         for s in sites if graph.node(s.node).target != cached_attention_op]
+        form, result.misses = cache_form(graph, sites)
+        if form == EXPLICIT and self.theta is not None and not result.misses:
+            result.misses = [Miss(graph.label, "the runtime KV cache", f"theta={self.theta} reuses selections kept "
+                                  "in the runtime's cache between steps; lower the graph (lower=True) or pass "
+                                  "theta=None")]
         if not sites:
             result.misses = [Miss(graph.label, "attention sites", "the graph has no attention to select keys for")]
         if result.misses:
@@ -79,14 +90,22 @@ class TokenSelect(Pass):
                 result.counts["windowed_dense_layers"] += 1
                 continue
             node = graph.node(site.node)
-            args = (graph.node(site.query), graph.node(site.key), graph.node(site.value), site.scale, site.layer,
-                    self.n_init, self.n_local, self.top_k, theta, site.softcap)
-            result.replaced[node.name] = replace_node(graph, node, token_select_attention_op, args, self.name).name
+            inputs = (graph.node(site.query), graph.node(site.key), graph.node(site.value))
+            if form == EXPLICIT:
+                op, args = explicit_token_select_op, (*inputs, graph.node(site.mask) if site.mask else None,
+                                                      site.scale, site.layer, self.n_init, self.n_local, self.top_k,
+                                                      site.softcap)
+            else:
+                op, args = token_select_attention_op, (*inputs, site.scale, site.layer, self.n_init, self.n_local,
+                                                       self.top_k, theta, site.softcap)
+            result.replaced[node.name] = replace_node(graph, node, op, args, self.name).name
             result.counts["selecting_layers"] += 1
+        if form == EXPLICIT and result.replaced:  # the runtime cache is the usual case; say when it is not
+            result.counts["explicit_cache"] = 1
         result.modified = bool(result.replaced)
         return result
 
     def ensures(self, graph: TokenGraph) -> list[Miss]:
-        if any(graph.node(s.node).target == token_select_attention_op for s in graph.sites().attention):
+        if any(graph.node(s.node).target in SELECTING_OPS for s in graph.sites().attention):
             return []
         return [Miss(graph.label, "a selecting layer", "no full-attention layer was rewritten")]
