@@ -77,6 +77,13 @@ def per_selecting_head(op, x, selecting_heads, same_heads: bool):
     return op.Reshape(grown, op.Concat(b, selecting_heads, rest, axis=0))
 
 
+def grouped_query(op, query, heads):
+    """The one-token query ``[B, Hq, 1, D]`` in fp32 as ``[B, heads, Hq / heads, D]``: each head's group of
+    query heads together (``heads``: a 1-D size, e.g. ``dim(op, key, 1)``)."""
+    b, d = dim(op, query, 0), dim(op, query, 3)
+    return op.Reshape(op.Cast(query, to=FLOAT), op.Concat(b, heads, op.Constant(value_ints=[-1]), d, axis=0))
+
+
 def attend_slots(op, query, key, value, keep, slots, scale: float, softcap: float | None,
                  same_heads: bool | None = None):
     """Attention over ``slots`` ``[B, Hsel, k]`` plus the step's own (last) slot, always live.
@@ -91,7 +98,7 @@ def attend_slots(op, query, key, value, keep, slots, scale: float, softcap: floa
     rows = op.Expand(op.Unsqueeze(index, [3]), op.Concat(b, hsel, dim(op, index, 2), d, axis=0))
     keys = op.Cast(op.GatherElements(per_selecting_head(op, key, hsel, same), rows, axis=2), to=FLOAT)
     values = op.Cast(op.GatherElements(per_selecting_head(op, value, hsel, same), rows, axis=2), to=FLOAT)
-    grouped = op.Reshape(op.Cast(query, to=FLOAT), op.Concat(b, hsel, op.Constant(value_ints=[-1]), d, axis=0))
+    grouped = grouped_query(op, query, hsel)
     scores = scaled(op, op.MatMul(grouped, op.Transpose(keys, perm=[0, 1, 3, 2])), scale, softcap)
     if keep is not None:
         chosen = op.GatherElements(per_selecting_head(op, keep, hsel, same), slots, axis=2)

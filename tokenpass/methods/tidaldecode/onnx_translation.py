@@ -9,7 +9,7 @@ most magnitude and gathers only those channels of the keys.
 
 from __future__ import annotations
 
-from tokenpass.ir.onnx_slots import FLOAT, attend_slots, dim, live, masked, scaled
+from tokenpass.ir.onnx_slots import FLOAT, attend_slots, dim, grouped_query, live, masked, scaled
 from tokenpass.ir.onnx_translations import register_onnx_translation
 from tokenpass.methods.tidaldecode.explicit_ops import explicit_selection_op, explicit_sparse_op
 
@@ -50,8 +50,7 @@ def explicit_selection_onnx(query, key, value, mask=None, scale: float = 1.0, la
 
     if score_dtype is not None:
         raise NotImplementedError("TidalDecode(score_dtype=...) has no ONNX form yet; export with score_dtype=None")
-    b, hkv, d = dim(op, query, 0), dim(op, key, 1), dim(op, query, 3)
-    grouped = op.Reshape(op.Cast(query, to=FLOAT), op.Concat(b, hkv, op.Constant(value_ints=[-1]), d, axis=0))
+    grouped = grouped_query(op, query, dim(op, key, 1))
     keep = live(op, mask, key)
     channels = score_channels if sparse_output else 0
     scores = _decode_scores(op, grouped, key, keep, scale, softcap, channels)

@@ -8,15 +8,14 @@ vote per slot, the ``top_k`` best candidates, then attention over the chosen slo
 
 from __future__ import annotations
 
-from tokenpass.ir.onnx_slots import BOOL, FLOAT, INT64, attend_slots, dim, live, masked, scaled
+from tokenpass.ir.onnx_slots import BOOL, FLOAT, INT64, attend_slots, dim, grouped_query, live, masked, scaled
 from tokenpass.ir.onnx_translations import register_onnx_translation
 from tokenpass.methods.tokenselect.explicit_ops import explicit_token_select_op
 
 
 def _votes(op, query, key, candidates, scale: float, softcap: float | None):
     """``[B, S]``: each query head's softmax over the candidate slots, summed over heads (``soft_vote``)."""
-    b, hkv, d = dim(op, query, 0), dim(op, key, 1), dim(op, query, 3)
-    grouped = op.Reshape(op.Cast(query, to=FLOAT), op.Concat(b, hkv, op.Constant(value_ints=[-1]), d, axis=0))
+    grouped = grouped_query(op, query, dim(op, key, 1))
     scores = scaled(op, op.MatMul(grouped, op.Transpose(op.Cast(key, to=FLOAT), perm=[0, 1, 3, 2])), scale, softcap)
     probs = op.Softmax(masked(op, scores, op.Unsqueeze(candidates, [1]), 1), axis=-1)  # [B, Hkv, G, S]
     return op.ReduceSum(op.Where(op.IsNaN(probs), op.Constant(value_float=0.0), probs), [1, 2], keepdims=0)
