@@ -213,7 +213,10 @@ def render_text(report: dict, console: Console, io: bool = False, ops: bool = Fa
     if sites and "layer" in sites[0]:
         console.print(layers_table(sites, report.get("passes", [])))
     else:
-        console.print(f"attention sites: {len(sites)}")
+        console.print(f"attention sites: {len(sites)}{_by_op(sites)}", highlight=False)
+    for f in report.get("functions", []):
+        console.print(f"function {f['function']} (overload {f['overload']}, {f['body_nodes']} nodes): "
+                      f"calls {f['calls']}", highlight=False)
     if report.get("branches"):
         console.print(branches_table(report["branches"]))
     if report.get("passes"):
@@ -230,6 +233,16 @@ def render_text(report: dict, console: Console, io: bool = False, ops: bool = Fa
         ("--diff", "nodes each pass added, removed, replaced", diff or not report.get("passes"))) if not shown]
     if more:
         console.print(f"[dim]more: {'; '.join(more)}[/dim]", highlight=False)
+
+
+def _by_op(sites: list[dict]) -> str:
+    """`` (tokenpass.Attention: layers 0-1; tokenpass.TidalSparse: layer 3)`` for an ONNX file's own calls."""
+    layers: dict[str, list[int]] = {}
+    for site in sites:
+        if "op" in site:
+            layers.setdefault(site["op"], []).append(site["onnx_layer"])
+    shown = [f"{op}: layer{'s' if len(found) > 1 else ''} {_span(found)}" for op, found in layers.items()]
+    return f" ({'; '.join(shown)})" if shown else ""
 
 
 def branches_table(rows: list[dict]) -> Table:

@@ -26,7 +26,7 @@ import logging
 import re
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,25 +73,37 @@ def export_onnx(model: "nn.Module | OptimizedModel", path: str | Path,
     must then be empty). ``force``: replace an existing export. ``check``: run ONNX's full checker
     (types and shapes inferred through every node) on each file."""
     target = Path(path)
-    _check_target(target, force)
+    check_target(target, force)
     optimized = _optimized(model, passes)
     graphs, names = {p: optimized.step_graphs[p] for p in PHASES}, passes_run(optimized.reports)
     for graph in graphs.values():
         check_exportable(graph)
-    staging = target.with_name(target.name + ".partial")  # the target changes only once all of it is written
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+
+    def write(staging: Path) -> int | None:
         opset = _write_steps(graphs, staging, check)
         OnnxManifest.of(optimized.spec, names, opset, pass_changes(optimized.reports)).write(staging)
         write_genai_config(staging, optimized.spec, token_ids(model))
+        return opset
+
+    opset = write_export_directory(target, write)
+    return OnnxExport(target, {p: target / phase_file(p) for p in PHASES}, names, opset)
+
+
+def write_export_directory(target: Path, write: "Callable[[Path], int | None]") -> int | None:
+    """Run ``write`` into a staging directory and move it to ``target`` only once all of it is written
+    (an interrupted export leaves the previous one, or nothing); returns what ``write`` returns."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        result = write(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
-    return OnnxExport(target, {p: target / phase_file(p) for p in PHASES}, names, opset)
+    return result
 
 
 def _write_steps(graphs: dict[str, TokenGraph], directory: Path, check: bool) -> int | None:
@@ -103,11 +115,11 @@ def _write_steps(graphs: dict[str, TokenGraph], directory: Path, check: bool) ->
         path = directory / phase_file(phase)
         program.save(str(path))
         if check:
-            _full_check(path)
+            full_check(path)
     return opset
 
 
-def _check_target(target: Path, force: bool) -> None:
+def check_target(target: Path, force: bool) -> None:
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass force=True (--force) to replace it")
     if target.exists() and not (target.is_dir() and (target / MANIFEST).is_file()):
@@ -261,7 +273,7 @@ def _renamed(dim, pattern: re.Pattern, rename: dict[str, str]):
     return ir.SymbolicDim(pattern.sub(lambda m: rename[m.group(1)], symbol))
 
 
-def _full_check(path: Path) -> None:
+def full_check(path: Path) -> None:
     import onnx
 
     try:

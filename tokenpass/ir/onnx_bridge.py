@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenpass.errors import CaptureError
 
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+OWN_DOMAIN = "tokenpass"  # model-local functions tokenpass's rewrites of foreign files call
 _BETWEEN_SCORES_AND_SOFTMAX = {"Add", "Div", "Mul", "Where", "Cast", "Reshape", "Transpose", "Tanh"}
 # Between the probabilities and the value product: torch's exported SDPA zeroes NaN rows (IsNaN/Where),
 # tokenpass's attention zeroes rows with no key left (Where).
@@ -69,6 +70,24 @@ def _reaches_matmul(value: str, consumers: dict[str, list], hops: int = 3) -> bo
     return False
 
 
+def _own_functions(model) -> list[dict]:
+    """The ``tokenpass`` functions the file defines: name, overload, body size and how often it is called."""
+    calls = Counter((n.op_type, n.overload) for n in model.graph.node if n.domain == OWN_DOMAIN)
+    return [{"function": f"{OWN_DOMAIN}.{f.name}", "overload": f.overload, "body_nodes": len(f.node),
+             "calls": calls[(f.name, f.overload)]} for f in model.functions if f.domain == OWN_DOMAIN]
+
+
+def _own_sites(model) -> list[dict]:
+    """Calls of ``tokenpass`` functions: attention sites a rewrite made, with the layer in their metadata."""
+    sites = []
+    for node in model.graph.node:
+        if node.domain == OWN_DOMAIN:
+            meta = {p.key: p.value for p in node.metadata_props}
+            sites.append({"node": node.name, "op": f"{OWN_DOMAIN}.{node.op_type}",
+                          "onnx_layer": int(meta.get("tokenpass.layer", len(sites)))})
+    return sites
+
+
 def summarize_onnx(model) -> dict:
     """Parameters, op histogram, attention sites and I/O with symbolic dims of an ONNX model."""
     import numpy as np
@@ -77,8 +96,8 @@ def summarize_onnx(model) -> dict:
     graph = model.graph
     nodes = list(graph.node)
     initializers = {i.name for i in graph.initializer}
-    fused = [n.name or n.output[0] for n in nodes if n.op_type in FUSED_ATTENTION]
-    attention = fused + _softmax_attention(nodes)
+    fused = [n.name or n.output[0] for n in nodes if n.op_type in FUSED_ATTENTION and n.domain != OWN_DOMAIN]
+    attention = [{"node": name} for name in fused + _softmax_attention(nodes)] + _own_sites(model)
     io = lambda values: [  # noqa: E731
         {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
          if v.type.tensor_type.elem_type != TensorProto.UNDEFINED else None, "shape": _dims(v)}
@@ -89,7 +108,8 @@ def summarize_onnx(model) -> dict:
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "parameters": int(sum(int(np.prod(i.dims)) for i in graph.initializer)),
         "num_layers": len(attention),
-        "attention_sites": [{"node": name} for name in attention],
+        "attention_sites": attention,
+        "functions": _own_functions(model),
         "op_histogram": dict(Counter(n.op_type for n in nodes).most_common()),
         "inputs": io(graph.input),
         "outputs": io(graph.output),
