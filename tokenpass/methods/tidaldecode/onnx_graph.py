@@ -1,0 +1,93 @@
+"""TidalDecode on a foreign ONNX decoder's decode step: canonical ``tokenpass.Attention`` calls become
+``tokenpass.TidalSelection`` / ``tokenpass.TidalSparse`` calls, layer by layer as the torch rewrite
+places them, with the explicit-cache translations (``onnx_translation.py``) as their bodies.
+
+Before (canonicalised decode step)::
+
+    out_2 = tokenpass.Attention(q_2, cat(past_k_2, k_2), cat(past_v_2, v_2), mask)
+    out_3 = tokenpass.Attention(q_3, cat(past_k_3, k_3), cat(past_v_3, v_3), mask)
+
+After (sparse_start=2)::
+
+    out_2, slots_2 = tokenpass.TidalSelection(q_2, cat(past_k_2, k_2), cat(past_v_2, v_2), mask)
+    out_3 = tokenpass.TidalSparse(q_3, cat(past_k_3, k_3), cat(past_v_3, v_3), mask, slots_2)
+
+Slot liveness is read off the mask, so a model whose masks are not causal + padding is refused (all or
+nothing, as the torch rewrite); so are the runtime-only options (``correction_interval``, ``score_dtype``).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
+
+from tokenpass.ir.foreign.canonicalize import ARGUMENTS, site_metadata
+from tokenpass.ir.foreign.sites import OnnxAttentionSite
+from tokenpass.ir.foreign.trace import DOMAIN, call_function, trace_function
+from tokenpass.methods.tidaldecode.onnx_translation import explicit_selection_onnx, explicit_sparse_onnx
+from tokenpass.methods.tidaldecode.rewrite import TidalDecode
+from tokenpass.passes.onnx_rewrites import OnnxContext, OnnxRewriteResult, register_onnx_rewrite
+
+SELECTION, SPARSE = "TidalSelection", "TidalSparse"
+
+
+def rewrite_onnx(p: TidalDecode, model: ir.Model, sites: list[OnnxAttentionSite],
+                 context: OnnxContext) -> OnnxRewriteResult:
+    result = OnnxRewriteResult(p.name)
+    if any(n.domain == DOMAIN and n.op_type in (SELECTION, SPARSE) for n in model.graph):
+        result.counts["already_applied"] = 1
+        return result
+    selection = p.placed_selection_layers(sites)
+    result.misses = [*context.mask_misses, *_option_misses(p)]
+    if result.misses:
+        return result
+    slots = None
+    for site in sites:
+        if site.layer < p.sparse_start or slots is None and site.layer not in selection:
+            result.counts["dense_layers"] += 1
+        elif site.layer in selection:
+            slots = _selection(p, model, site, context.opset)
+            result.counts["selection_layers"] += 1
+        else:
+            _replace(model, site, explicit_sparse_onnx, SPARSE, (slots,), {}, context.opset)
+            result.counts["sparse_layers"] += 1
+    RemoveUnusedNodesPass()(model)
+    RemoveUnusedFunctionsPass()(model)
+    return result
+
+
+def _option_misses(p: TidalDecode) -> list[str]:
+    misses = []
+    if p.correction_interval:
+        misses.append("correction_interval re-encodes tokens in the runtime's KV cache, which an ONNX file does "
+                      "not have; leave it unset")
+    if p.score_dtype is not None and p.sparse_selection_output:
+        misses.append("score_dtype keeps a ranking copy of the keys in the runtime's cache; leave it unset for ONNX")
+    return misses
+
+
+def _selection(p: TidalDecode, model: ir.Model, site: OnnxAttentionSite, opset: int) -> ir.Value:
+    _, channels = p.ranking_options(site.head_dim or 0)
+    options = {"top_k": p.top_k, "per_kv_head": p.per_kv_head, "sparse_output": p.sparse_selection_output,
+               "score_channels": channels}
+    node = _replace(model, site, explicit_selection_onnx, SELECTION, (), options, opset)
+    node.outputs[1].name = f"tidal_slots_{site.layer}"
+    node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
+    return node.outputs[1]
+
+
+def _replace(model: ir.Model, site: OnnxAttentionSite, translation, name: str, extra: tuple, options: dict,
+             opset: int) -> ir.Node:
+    """A call of ``translation`` (traced as ``tokenpass.<name>``) in ``site``'s place."""
+    arguments = (site.query, site.key, site.value, site.mask, *extra)
+    options = {**options, "scale": site.scale, "softcap": site.softcap}  # the layer is metadata, not arithmetic
+    function = trace_function(translation, name, arguments, (*ARGUMENTS, "slots")[:len(arguments)], options, opset)
+    node = call_function(model, function, arguments, site.node, {**site_metadata(site), "tokenpass.pass": "tidaldecode"})
+    node.name = f"tidal_{name[5:].lower()}_{site.layer}"
+    out = node.outputs[0]
+    out.name, out.type, out.shape = f"tidal_attention_{site.layer}", site.output.type, site.output.shape
+    ir.convenience.replace_all_uses_with(site.output, out)
+    return node
+
+
+register_onnx_rewrite(TidalDecode.name, rewrite_onnx)
