@@ -14,6 +14,7 @@ from tokenpass.methods.tidaldecode import TidalDecode
 from tokenpass.methods.tokenselect import TokenSelect
 from tokenpass.models import load, tiny
 from tokenpass.onnx_export import ExportError, export_onnx
+from tokenpass.onnx_optimize import optimize_onnx
 from tokenpass.runtime.onnx_session import OnnxModel
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "finetune",
     "load",
     "optimize",
+    "optimize_onnx",
     "tiny",
 ]
 __version__ = "0.1.0"

@@ -199,7 +199,8 @@ def capture(
 @app.command(name="export", help="Export a model's prefill and decode steps (after optional passes) as ONNX files "
                                   "that onnxruntime runs (tokenpass.OnnxModel loads the directory).")
 def export(
-    model: str = typer.Argument(..., metavar="MODEL", help="smollm2 or a tiny family"),
+    model: str = typer.Argument(..., metavar="MODEL", help="smollm2, a tiny family, or a .onnx decoder exported "
+                                "elsewhere (its cache as inputs/outputs) to apply the passes to"),
     output: Path = typer.Option(..., "--output", "-o", help="the directory to write (prefill.onnx, decode.onnx, "
                                 "tokenpass_onnx.json)"),
     passes: str = typer.Option(None, "--passes", "-p", help=PASSES_HELP),
@@ -211,8 +212,15 @@ def export(
     from tokenpass.onnx_export import export_onnx
     from tokenpass.progress import status
 
+    if Path(model).suffix == ".onnx":
+        from tokenpass.onnx_optimize import optimize_onnx
+
+        result = optimize_onnx(model, output, _split(passes), force=force)
+        typer.echo(f"rewrote {model} ({', '.join(result.passes)}) into {result.directory}: "
+                   f"{', '.join(f.name for f in result.files.values())} (opset {result.opset})")
+        return
     if model not in MODEL_CHOICES:
-        raise TokenpassError(f"unknown model '{model}': give one of {', '.join(MODEL_CHOICES)}")
+        raise TokenpassError(f"unknown model '{model}': give one of {', '.join(MODEL_CHOICES)} or a .onnx file")
     requested = user_passes(_split(passes))  # names and options fail before the model loads
     with status(f"loading {model}"):
         loaded = load(model)
