@@ -2,8 +2,9 @@
 ``torch.onnx.export`` of a Hugging Face model, its cache as inputs and outputs, no tokenpass).
 
 Opset 18 spells attention MatMul/Softmax/MatMul over GQA-repeated keys; opset 23 spells it as
-``Attention`` nodes. Both canonicalise to ``tokenpass.Attention`` calls, and TidalDecode rewrites those
-into its own functions: the ONNX runtime then generates the tokens the torch TidalDecode path does.
+``Attention`` nodes. Both canonicalise to ``tokenpass.Attention`` calls, and TidalDecode and TokenSelect
+rewrite those into their own functions: the ONNX runtime then generates the tokens the torch path of
+each method does.
 """
 
 import json
@@ -44,26 +45,73 @@ def model():
     return hf_tiny("llama")
 
 
-@pytest.fixture(scope="module", params=[18, 23], ids=["opset18-matmul-softmax", "opset23-attention"])
-def foreign(request, model, tmp_path_factory):
-    """A plain export and tokenpass's TidalDecode rewrite of it."""
-    directory = tmp_path_factory.mktemp("foreign")
-    plain = plain_export(model, directory / "plain.onnx", opset=request.param)
-    out = tokenpass.optimize_onnx(plain, directory / "tidal", [sparse()], token_ids=token_ids(model))
-    return plain, out, request.param
+@pytest.fixture(scope="module")
+def plain_files(model, tmp_path_factory):
+    """Plain exports by opset, made once per module."""
+    made = {}
+
+    def plain(opset: int):
+        if opset not in made:
+            made[opset] = plain_export(model, tmp_path_factory.mktemp("plain") / "plain.onnx", opset=opset)
+        return made[opset]
+
+    return plain
 
 
-def test_tidaldecode_on_a_plain_export_generates_the_torch_paths_tokens(model, foreign):
-    _, out, _ = foreign
+@pytest.fixture(scope="module")
+def torch_tokens(model):
+    """The torch runtime's tokens for the left-padded batch, per pass list (captured once each)."""
     ids, mask = padded_batch(model.config.vocab_size, batch=2, length=12, pad=5)
-    expected = tokenpass.optimize(model, [sparse()]).generate(ids, mask, max_new_tokens=NEW_TOKENS)
-    dense = tokenpass.optimize(model, []).generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    made = {}
+
+    def tokens(name: str, passes: list):
+        if name not in made:
+            made[name] = tokenpass.optimize(model, passes).generate(ids, mask, max_new_tokens=NEW_TOKENS)
+        return made[name]
+
+    return ids, mask, tokens
+
+
+@pytest.fixture(scope="module")
+def plain(plain_files):
+    return plain_files(18)
+
+
+@pytest.fixture(scope="module", params=[18, 23], ids=["opset18-matmul-softmax", "opset23-attention"])
+def foreign(request, model, plain_files, tmp_path_factory):
+    """A plain export and tokenpass's TidalDecode rewrite of it."""
+    source = plain_files(request.param)
+    out = tokenpass.optimize_onnx(source, tmp_path_factory.mktemp("tidal") / "tidal", [sparse()],
+                                  token_ids=token_ids(model))
+    return source, out, request.param
+
+
+def test_tidaldecode_on_a_plain_export_generates_the_torch_paths_tokens(foreign, torch_tokens):
+    _, out, _ = foreign
+    ids, mask, tokens = torch_tokens
+    expected = tokens("tidaldecode", [sparse()])
     assert torch.equal(OnnxModel(out.directory).generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
-    assert not torch.equal(expected, dense)  # the method is visibly on: a dense file would fail above
+    assert not torch.equal(expected, tokens("dense", []))  # the method is visibly on: a dense file would fail
+
+
+def test_tokenselect_on_a_plain_export_generates_the_torch_paths_tokens(plain, torch_tokens, tmp_path):
+    select = tokenpass.TokenSelect(top_k=4, n_init=2, n_local=3, theta=None)
+    out = tokenpass.optimize_onnx(plain, tmp_path / "select", [select])
+    assert out.passes == ["canonicalize_attention", "tokenselect"]
+    ids, mask, tokens = torch_tokens
+    expected = tokens("tokenselect", [select])
+    assert torch.equal(OnnxModel(out.directory).generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
+    assert not torch.equal(expected, tokens("dense", []))
+    changes = json.loads((out.directory / MANIFEST).read_text())["changes"]["decode"]
+    assert changes["tokenselect"] == {"selecting_layers": 4}
+    with pytest.raises(PassError, match="tokenselect cannot rewrite plain.onnx's decode step: theta=0.9 reuses"):
+        tokenpass.optimize_onnx(plain, tmp_path / "cached", [tokenpass.TokenSelect(top_k=4)])
 
 
 def test_onnxruntime_genai_runs_the_rewritten_file(model, foreign):
-    _, out, _ = foreign
+    _, out, opset = foreign
+    if opset != 18:
+        pytest.skip("one opset is enough for onnxruntime-genai: the rewritten files differ only in spelling")
     ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     expected = tokenpass.optimize(model, [sparse()]).generate(ids, max_new_tokens=NEW_TOKENS)
     assert torch.equal(genai_generate(out.directory, ids, NEW_TOKENS), expected)
@@ -89,12 +137,12 @@ def test_the_rewrite_is_recorded_counted_and_inspectable(foreign):
 
 
 def test_without_passes_the_canonical_file_generates_dense_tokens_and_applying_twice_changes_nothing(
-        model, foreign, tmp_path):
+        foreign, torch_tokens, tmp_path):
     plain, out, _ = foreign
     dense = tokenpass.optimize_onnx(plain, tmp_path / "dense")
-    ids, mask = padded_batch(model.config.vocab_size, batch=2, length=12, pad=5)
-    expected = tokenpass.optimize(model, []).generate(ids, mask, max_new_tokens=NEW_TOKENS)
-    assert torch.equal(OnnxModel(dense.directory).generate(ids, mask, max_new_tokens=NEW_TOKENS), expected)
+    ids, mask, tokens = torch_tokens
+    generated = OnnxModel(dense.directory).generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(generated, tokens("dense", []))
     decode = ir.load(out.directory / "decode.onnx")
     before = len(list(decode.graph))
     sites = [s for s in find_attention_sites(decode.graph)[0] if s.spelling == "tokenpass"]
@@ -102,8 +150,7 @@ def test_without_passes_the_canonical_file_generates_dense_tokens_and_applying_t
     assert again.counts == {"already_applied": 1} and not again.modified and len(list(decode.graph)) == before
 
 
-def test_the_cli_rewrites_a_file_and_refuses_to_overwrite(foreign, tmp_path):
-    plain, _, _ = foreign
+def test_the_cli_rewrites_a_file_and_refuses_to_overwrite(plain, tmp_path):
     args = ["export", str(plain), "-p", "tidaldecode:top_k=4", "-o", str(tmp_path / "cli")]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0 and "canonicalize_attention, tidaldecode" in first.output, first.output
@@ -111,10 +158,9 @@ def test_the_cli_rewrites_a_file_and_refuses_to_overwrite(foreign, tmp_path):
     assert second.exit_code != 0 and "exists; pass force=True (--force)" in second.output
 
 
-def test_canonicalisation_that_changes_the_output_is_refused(foreign):
+def test_canonicalisation_that_changes_the_output_is_refused(plain):
     """The spelling read off the graph is run against the file: a wrong constant (here a doubled scale,
     standing in for a pattern misread) is refused before anything is written."""
-    plain, _, _ = foreign
     model = ir.load(plain)
     sites, _ = find_attention_sites(model.graph)
     sites[2].scale *= 2
@@ -124,10 +170,9 @@ def test_canonicalisation_that_changes_the_output_is_refused(foreign):
         check_same_outputs(session_of(plain), session_of(model), spec, "canonicalising attention", interface.renamed)
 
 
-def test_a_mask_that_is_not_causal_plus_padding_is_refused_by_tidaldecode(foreign):
+def test_a_mask_that_is_not_causal_plus_padding_is_refused_by_tidaldecode(plain):
     """Layer 0's mask inverted (padding visible): TidalDecode reads slot liveness off the mask, so the
     check names the layer and the rewrite refuses the whole step, leaving it unchanged."""
-    plain, _, _ = foreign
     model = ir.load(plain)
     sites = canonicalize(model, find_attention_sites(model.graph)[0], 18)
     spec, _ = normalize_interface(model, sites, "plain")
@@ -164,8 +209,7 @@ def _softmax_classifier(opset: int):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "no-attention", "opset-13", "no-rewrite"])
-def test_bad_input_is_one_clear_error(case, tmp_path, foreign):
-    plain, _, _ = foreign
+def test_bad_input_is_one_clear_error(case, tmp_path, plain):
     path = tmp_path / "bad.onnx"
     passes, error, message = [], CaptureError, ""
     if case == "corrupt":
@@ -182,7 +226,7 @@ def test_bad_input_is_one_clear_error(case, tmp_path, foreign):
         message = "uses ONNX opset 13; tokenpass rewrites opsets 18-23"
     elif case == "no-rewrite":
         path, passes, error = plain, [tokenpass.Keyformer()], PassError
-        message = "pass 'keyformer' has no rewrite for ONNX graphs yet .*: tidaldecode"
+        message = "pass 'keyformer' has no rewrite for ONNX graphs yet .*: tidaldecode, tokenselect"
     else:
         message = "no such file"
     with pytest.raises(error, match=message):

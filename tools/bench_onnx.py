@@ -9,6 +9,10 @@ on the torch runtime's tokens), then times decode steps: every round runs each r
 
     .venv/bin/python tools/bench_onnx.py --model smollm2 --tokens 64 --rounds 5
     .venv/bin/python tools/bench_onnx.py --model smollm2 --context 512 --passes tidaldecode:top_k=128
+
+``--foreign 18`` (or 23) makes the ONNX files the way a user without tokenpass would, then has tokenpass
+rewrite them: a plain ``torch.onnx.export`` at that opset (``tools/plain_onnx_export.py``), then
+``tokenpass.optimize_onnx`` with ``--passes``; the torch runtime still optimises the model itself.
 """
 
 from __future__ import annotations
@@ -78,6 +82,25 @@ def decode_logits(model, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
     return torch.cat(steps, 1)
 
 
+def make_export(model, passes: list[str], directory: Path, foreign: int | None) -> tuple:
+    """The export the ONNX runtimes run, and the seconds each stage took."""
+    seconds = {}
+    start = time.perf_counter()
+    if foreign is None:
+        export = tokenpass.export_onnx(model, directory / "onnx", passes=passes)
+        seconds["export_s"] = time.perf_counter() - start
+        return export, seconds
+    from plain_onnx_export import plain_export
+    from tokenpass.onnx_export import token_ids
+
+    plain = plain_export(model, directory / "plain.onnx", opset=foreign)
+    seconds["plain_export_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    export = tokenpass.optimize_onnx(plain, directory / "onnx", passes, token_ids=token_ids(model))
+    seconds["optimize_onnx_s"] = time.perf_counter() - start
+    return export, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2 or a tiny family")
@@ -86,6 +109,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--passes", default="", help="comma-separated passes (name:option=value) for both runtimes")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--foreign", type=int, choices=(18, 23), default=None,
+                        help="rewrite a plain torch.onnx.export at this opset instead of exporting with tokenpass")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,9 +120,7 @@ def main() -> None:
     ids = prompt_ids(args.model, model.config.vocab_size, args.context)
     torch_runtime = tokenpass.optimize(model, passes)
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        export = tokenpass.export_onnx(model, Path(tmp) / "onnx", passes=passes)
-        export_s = time.perf_counter() - start
+        export, seconds = make_export(model, passes, Path(tmp), args.foreign)
         onnx_runtime = tokenpass.OnnxModel(export.directory)
         genai = GenaiRunner(export.directory)
         torch_tokens = torch_runtime.generate(ids, max_new_tokens=args.tokens)
@@ -114,7 +137,8 @@ def main() -> None:
     per_step = {name: statistics.median(values) for name, values in timings.items()}
     print(json.dumps({
         "model": args.model, "passes": passes, "context": args.context, "tokens": args.tokens,
-        "rounds": args.rounds, "threads": torch.get_num_threads(), "export_s": round(export_s, 1),
+        "rounds": args.rounds, "threads": torch.get_num_threads(), "foreign_opset": args.foreign,
+        **{k: round(v, 1) for k, v in seconds.items()},
         "file_mb": {p: round(mb, 1) for p, mb in file_mb.items()}, "opset": export.opset,
         "greedy_tokens_equal": bool(torch.equal(torch_tokens, onnx_tokens)),
         "first_difference": first_difference(torch_tokens, onnx_tokens, ids.shape[1]),

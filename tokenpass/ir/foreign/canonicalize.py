@@ -16,6 +16,8 @@ these calls; nodes only the old spelling used are removed. Already-canonical cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -36,15 +38,26 @@ def canonicalize(model: ir.Model, sites: list[OnnxAttentionSite], opset: int) ->
 
 
 def _replace(model: ir.Model, site: OnnxAttentionSite, opset: int) -> OnnxAttentionSite:
-    arguments = (site.query, site.key, site.value, site.mask)
-    options = {"scale": site.scale, "softcap": site.softcap}
-    function = trace_function(attention_onnx, "Attention", arguments, ARGUMENTS, options, opset)
-    node = call_function(model, function, arguments, site.node, site_metadata(site))
-    node.name = f"tokenpass_attention_{site.layer}"
-    node.outputs[0].name = f"attention_{site.layer}"
-    node.outputs[0].type, node.outputs[0].shape = site.output.type, site.output.shape
-    ir.convenience.replace_all_uses_with(site.output, node.outputs[0])
+    node = replace_site(model, site, attention_onnx, "Attention", opset)
     return canonical_site(node, site.layer)
+
+
+def replace_site(model: ir.Model, site: OnnxAttentionSite, translation: Callable, name: str, opset: int,
+                 extra: tuple = (), options: dict | None = None, metadata: dict | None = None) -> ir.Node:
+    """A call of ``translation`` (traced as ``tokenpass.<name>``) on the site's query, keys, values, mask
+    and ``extra`` arguments, in the site's place: its result takes over the site's uses. ``options``
+    join the site's scale and soft cap (the layer is metadata, not arithmetic: equal layers share one
+    function); ``metadata`` joins the site's."""
+    arguments = (site.query, site.key, site.value, site.mask, *extra)
+    options = {**(options or {}), "scale": site.scale, "softcap": site.softcap}
+    names = (*ARGUMENTS, *(f"extra_{i}" for i in range(len(extra))))
+    function = trace_function(translation, name, arguments, names, options, opset)
+    node = call_function(model, function, arguments, site.node, {**site_metadata(site), **(metadata or {})})
+    node.name = f"tokenpass_{name.lower()}_{site.layer}"
+    out = node.outputs[0]
+    out.name, out.type, out.shape = f"{name.lower()}_{site.layer}", site.output.type, site.output.shape
+    ir.convenience.replace_all_uses_with(site.output, out)
+    return node
 
 
 def site_metadata(site: OnnxAttentionSite) -> dict[str, str]:

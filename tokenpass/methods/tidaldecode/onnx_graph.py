@@ -21,14 +21,15 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
 
-from tokenpass.ir.foreign.canonicalize import ARGUMENTS, site_metadata
+from tokenpass.ir.foreign.canonicalize import replace_site
 from tokenpass.ir.foreign.sites import OnnxAttentionSite
-from tokenpass.ir.foreign.trace import DOMAIN, call_function, trace_function
+from tokenpass.ir.foreign.trace import DOMAIN
 from tokenpass.methods.tidaldecode.onnx_translation import explicit_selection_onnx, explicit_sparse_onnx
 from tokenpass.methods.tidaldecode.rewrite import TidalDecode
 from tokenpass.passes.onnx_rewrites import OnnxContext, OnnxRewriteResult, register_onnx_rewrite
 
 SELECTION, SPARSE = "TidalSelection", "TidalSparse"
+METADATA = {"tokenpass.pass": TidalDecode.name}
 
 
 def rewrite_onnx(p: TidalDecode, model: ir.Model, sites: list[OnnxAttentionSite],
@@ -49,7 +50,7 @@ def rewrite_onnx(p: TidalDecode, model: ir.Model, sites: list[OnnxAttentionSite]
             slots = _selection(p, model, site, context.opset)
             result.counts["selection_layers"] += 1
         else:
-            _replace(model, site, explicit_sparse_onnx, SPARSE, (slots,), {}, context.opset)
+            replace_site(model, site, explicit_sparse_onnx, SPARSE, context.opset, extra=(slots,), metadata=METADATA)
             result.counts["sparse_layers"] += 1
     RemoveUnusedNodesPass()(model)
     RemoveUnusedFunctionsPass()(model)
@@ -70,24 +71,10 @@ def _selection(p: TidalDecode, model: ir.Model, site: OnnxAttentionSite, opset: 
     _, channels = p.ranking_options(site.head_dim or 0)
     options = {"top_k": p.top_k, "per_kv_head": p.per_kv_head, "sparse_output": p.sparse_selection_output,
                "score_channels": channels}
-    node = _replace(model, site, explicit_selection_onnx, SELECTION, (), options, opset)
+    node = replace_site(model, site, explicit_selection_onnx, SELECTION, opset, options=options, metadata=METADATA)
     node.outputs[1].name = f"tidal_slots_{site.layer}"
     node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
     return node.outputs[1]
-
-
-def _replace(model: ir.Model, site: OnnxAttentionSite, translation, name: str, extra: tuple, options: dict,
-             opset: int) -> ir.Node:
-    """A call of ``translation`` (traced as ``tokenpass.<name>``) in ``site``'s place."""
-    arguments = (site.query, site.key, site.value, site.mask, *extra)
-    options = {**options, "scale": site.scale, "softcap": site.softcap}  # the layer is metadata, not arithmetic
-    function = trace_function(translation, name, arguments, (*ARGUMENTS, "slots")[:len(arguments)], options, opset)
-    node = call_function(model, function, arguments, site.node, {**site_metadata(site), "tokenpass.pass": "tidaldecode"})
-    node.name = f"tidal_{name[5:].lower()}_{site.layer}"
-    out = node.outputs[0]
-    out.name, out.type, out.shape = f"tidal_attention_{site.layer}", site.output.type, site.output.shape
-    ir.convenience.replace_all_uses_with(site.output, out)
-    return node
 
 
 register_onnx_rewrite(TidalDecode.name, rewrite_onnx)
