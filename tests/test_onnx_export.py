@@ -69,7 +69,11 @@ def test_export_writes_checked_files_with_named_io_and_dynamic_axes(exported):
                            *[f"present_values_{i}" for i in range(layers)]]
         assert inputs["input_ids"][0] == "batch" and inputs["past_keys_0"][2] == "past_tokens"
         assert inputs["attention_mask"] == ["batch", "total_tokens"]
-        assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node), "only standard ONNX ops"
+        assert {n.domain for n in proto.graph.node} <= {"", "tokenpass"}
+        assert {n.domain for f in proto.functions for n in f.node} <= {""}, "function bodies of standard ops"
+        canonical = "canonicalize_attention" in passes
+        own = [n for n in proto.graph.node if n.domain == "tokenpass"]
+        assert [n.op_type for n in own] == (["Attention"] * layers if canonical else [])
         assert len(summarize_onnx(proto)["attention_sites"]) == layers  # the inspector finds every layer's
 
 

@@ -125,15 +125,15 @@ def test_the_rewrite_is_recorded_counted_and_inspectable(foreign):
     assert changes["decode"]["tidaldecode"] == {"dense_layers": 1, "selection_layers": 1, "sparse_layers": 2}
     decode = onnx.load(str(out.directory / "decode.onnx"))
     calls = [n.op_type for n in decode.graph.node if n.domain == "tokenpass"]
-    assert calls == ["Attention", "TidalSelection", "TidalSparse", "TidalSparse"]
+    assert calls == ["Attention", "SelectionAttention", "SparseAttention", "SparseAttention"]
     bodies = {n.domain for f in decode.functions for n in f.node}
     assert bodies == {""}  # the functions' bodies are standard ops: stock onnxruntime runs them
     assert not [n for n in decode.graph.node if n.op_type in ("Softmax", "Attention") and n.domain == ""]
     shown = CliRunner().invoke(app, ["inspect", str(out.directory / "decode.onnx")])
     assert shown.exit_code == 0, shown.output
     assert "tidaldecode changed: dense_layers 1, selection_layers 1, sparse_layers 2" in shown.output
-    assert "tokenpass.TidalSparse: layers 2-3" in shown.output
-    assert "function tokenpass.TidalSparse" in shown.output and "calls 2" in shown.output
+    assert "tokenpass.SparseAttention: layers 2-3" in shown.output
+    assert "function tokenpass.SparseAttention" in shown.output and "calls 2" in shown.output
 
 
 def test_without_passes_the_canonical_file_generates_dense_tokens_and_applying_twice_changes_nothing(

@@ -33,6 +33,8 @@ def select() -> tokenpass.TokenSelect:
 
 
 METHODS = {"tidaldecode": sparse, "tokenselect": select}
+FUNCTIONS = {"tidaldecode": {"Attention", "SelectionAttention", "SparseAttention"},
+             "tokenselect": {"TokenSelectAttention"}}
 CHANGES = {"tidaldecode": "dense_layers 1, selection_layers 1, sparse_layers 2, explicit_cache 1",
            "tokenselect": "selecting_layers 4, explicit_cache 1"}
 # RoPE + GQA, and soft-capped GQA with an additive mask (gpt2's MHA and learnt positions export in
@@ -77,13 +79,16 @@ def test_onnxruntime_genai_generates_the_torch_runtimes_tokens(exported):
     assert torch.equal(genai_generate(result.directory, ids, NEW_TOKENS), expected)
 
 
-def test_the_export_is_standard_onnx_and_records_what_the_pass_changed(exported):
+def test_the_export_has_tokenpass_functions_of_standard_ops_and_records_what_the_pass_changed(exported):
     _, method, result = exported
     assert result.passes == ["canonicalize_attention", method]  # canonicalisation added for the method
-    decode = onnx.load(str(result.files["decode"]))
-    assert all(node.domain in ("", "ai.onnx") for node in decode.graph.node)
-    assert {"TopK", "GatherElements"} <= {node.op_type for node in decode.graph.node}
-    assert "TopK" not in {node.op_type for node in onnx.load(str(result.files["prefill"])).graph.node}
+    decode, prefill = (onnx.load(str(result.files[phase])) for phase in ("decode", "prefill"))
+    calls = {node.op_type for node in decode.graph.node if node.domain == "tokenpass"}
+    assert calls == FUNCTIONS[method]  # each op outlined into a function (and canonical attention, if left)
+    assert {n.domain for f in decode.functions for n in f.node} == {""}  # bodies of standard ops only
+    assert {"TopK", "GatherElements"} <= {n.op_type for f in decode.functions for n in f.node}
+    assert "TopK" not in {n.op_type for f in prefill.functions for n in f.node}
+    assert {n.op_type for n in prefill.graph.node if n.domain == "tokenpass"} == {"Attention"}
     out = CliRunner().invoke(app, ["inspect", str(result.files["decode"])])
     assert out.exit_code == 0, out.output
     assert f"{method} changed: {CHANGES[method]}" in out.output

@@ -11,8 +11,9 @@ batch, token and past axes dynamic and the outputs named ``logits``/``present_ke
     out/tokenpass_onnx.json   the cache layout, the passes and what each changed
     out/genai_config.json     onnxruntime-genai's config: the two files as a prompt / token pipeline
 
-tokenpass's own ops export through their translations (``ir/onnx_translations.py``: standard ONNX ops,
-inlined; the canonical attention op has one). Passes that rewrite attention onto the runtime's own KV
+tokenpass's own ops export through their translations (``ir/onnx_translations.py``: standard ONNX ops;
+the canonical attention op has one), each call then outlined into a ``tokenpass``-domain function whose
+body is those ops (``ir/onnx_outline.py``), so stock onnxruntime runs the file and readers see the ops. Passes that rewrite attention onto the runtime's own KV
 cache (``requires: runtime_kv_cache``) and ops without a translation are refused in one line naming the
 pass, the node and the op, before any export work, rather than exported into a file that runs
 differently.
@@ -37,6 +38,7 @@ from tokenpass.api import optimize, user_passes
 from tokenpass.errors import TokenpassError
 from tokenpass.ir.capture import PHASES
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.onnx_outline import outline_tokenpass_ops
 from tokenpass.ir.onnx_translations import onnx_translations
 from tokenpass.passes import Pass, PassResult
 from tokenpass.passes.canonicalize_attention import CanonicalizeAttention
@@ -223,6 +225,7 @@ def _onnx_program(graph: TokenGraph):
         exporter_log.setLevel(level)
     _name_outputs(program.model.graph, graph.spec.num_layers)
     _name_dims(program.model.graph)
+    outline_tokenpass_ops(program.model)
     return program
 
 

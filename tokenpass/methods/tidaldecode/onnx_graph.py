@@ -1,5 +1,5 @@
 """TidalDecode on a foreign ONNX decoder's decode step: canonical ``tokenpass.Attention`` calls become
-``tokenpass.TidalSelection`` / ``tokenpass.TidalSparse`` calls, layer by layer as the torch rewrite
+``tokenpass.SelectionAttention`` / ``tokenpass.SparseAttention`` calls, layer by layer as the torch rewrite
 places them, with the explicit-cache translations (``onnx_translation.py``) as their bodies.
 
 Before (canonicalised decode step)::
@@ -9,8 +9,8 @@ Before (canonicalised decode step)::
 
 After (sparse_start=2)::
 
-    out_2, slots_2 = tokenpass.TidalSelection(q_2, cat(past_k_2, k_2), cat(past_v_2, v_2), mask)
-    out_3 = tokenpass.TidalSparse(q_3, cat(past_k_3, k_3), cat(past_v_3, v_3), mask, slots_2)
+    out_2, slots_2 = tokenpass.SelectionAttention(q_2, cat(past_k_2, k_2), cat(past_v_2, v_2), mask)
+    out_3 = tokenpass.SparseAttention(q_3, cat(past_k_3, k_3), cat(past_v_3, v_3), mask, slots_2)
 
 Slot liveness is read off the mask, so a model whose masks are not causal + padding is refused (all or
 nothing, as the torch rewrite); so are the runtime-only options (``correction_interval``, ``score_dtype``).
@@ -28,7 +28,7 @@ from tokenpass.methods.tidaldecode.onnx_translation import explicit_selection_on
 from tokenpass.methods.tidaldecode.rewrite import TidalDecode
 from tokenpass.passes.onnx_rewrites import OnnxContext, OnnxRewriteResult, register_onnx_rewrite
 
-SELECTION, SPARSE = "TidalSelection", "TidalSparse"
+SELECTION, SPARSE = "SelectionAttention", "SparseAttention"  # as export names the explicit ops
 METADATA = {"tokenpass.pass": TidalDecode.name}
 
 
@@ -72,7 +72,7 @@ def _selection(p: TidalDecode, model: ir.Model, site: OnnxAttentionSite, opset: 
     options = {"top_k": p.top_k, "per_kv_head": p.per_kv_head, "sparse_output": p.sparse_selection_output,
                "score_channels": channels}
     node = replace_site(model, site, explicit_selection_onnx, SELECTION, opset, options=options, metadata=METADATA)
-    node.outputs[1].name = f"tidal_slots_{site.layer}"
+    node.outputs[1].name = f"slots_{site.layer}"
     node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
     return node.outputs[1]
 

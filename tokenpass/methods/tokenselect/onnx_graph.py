@@ -1,12 +1,12 @@
 """TokenSelect on a foreign ONNX decoder's decode step: every canonical ``tokenpass.Attention`` call
-becomes a ``tokenpass.TokenSelect`` call whose body is the explicit-cache translation
+becomes a ``tokenpass.TokenSelectAttention`` call whose body is the explicit-cache translation
 (``onnx_translation.py``): the first ``n_init`` and last ``n_local`` live slots plus the ``top_k``
 soft-voted ones, attended with their original positions.
 
 Before / after (canonicalised decode step, every layer)::
 
     out_l = tokenpass.Attention(q_l, cat(past_k_l, k_l), cat(past_v_l, v_l), mask)
-    out_l = tokenpass.TokenSelect(q_l, cat(past_k_l, k_l), cat(past_v_l, v_l), mask)
+    out_l = tokenpass.TokenSelectAttention(q_l, cat(past_k_l, k_l), cat(past_v_l, v_l), mask)
 
 Refused, as on the explicit form of torch graphs: ``theta`` (the selection cache lives in the runtime's
 KV cache) and masks that are not causal + padding (positions are counted over live slots).
@@ -24,7 +24,7 @@ from tokenpass.methods.tokenselect.onnx_translation import explicit_token_select
 from tokenpass.methods.tokenselect.rewrite import TokenSelect
 from tokenpass.passes.onnx_rewrites import OnnxContext, OnnxRewriteResult, register_onnx_rewrite
 
-FUNCTION = "TokenSelect"
+FUNCTION = "TokenSelectAttention"  # as export names the explicit op
 
 
 def rewrite_onnx(p: TokenSelect, model: ir.Model, sites: list[OnnxAttentionSite],
