@@ -236,7 +236,7 @@ def render_text(report: dict, console: Console, io: bool = False, ops: bool = Fa
 
 
 def _by_op(sites: list[dict]) -> str:
-    """`` (tokenpass.Attention: layers 0-1; tokenpass.TidalSparse: layer 3)`` for an ONNX file's own calls."""
+    """`` (tokenpass.Attention: layers 0-1; tokenpass.SparseAttention: layer 3)`` for an ONNX file's own calls."""
     layers: dict[str, list[int]] = {}
     for site in sites:
         if "op" in site:

@@ -13,10 +13,10 @@ batch, token and past axes dynamic and the outputs named ``logits``/``present_ke
 
 tokenpass's own ops export through their translations (``ir/onnx_translations.py``: standard ONNX ops;
 the canonical attention op has one), each call then outlined into a ``tokenpass``-domain function whose
-body is those ops (``ir/onnx_outline.py``), so stock onnxruntime runs the file and readers see the ops. Passes that rewrite attention onto the runtime's own KV
-cache (``requires: runtime_kv_cache``) and ops without a translation are refused in one line naming the
-pass, the node and the op, before any export work, rather than exported into a file that runs
-differently.
+body is those ops (``ir/onnx_outline.py``), so stock onnxruntime runs the file and readers see the ops.
+Passes that rewrite attention onto the runtime's own KV cache (``requires: runtime_kv_cache``) and ops
+without a translation are refused in one line naming the pass, the node and the op, before any export
+work, rather than exported into a file that runs differently.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def normalize_interface(model: ir.Model, sites: list[OnnxAttentionSite], name: s
     missing = [n for n in TOKEN_INPUTS if n not in inputs]
     if missing:
         raise CaptureError(f"{name}: the graph has no '{missing[0]}' input (its inputs: {', '.join(inputs)}); "
-                           "tokenpass drives a decoder through input_ids, attention_mask[, position_ids] and a KV cache")
+                           "tokenpass drives a decoder through input_ids, attention_mask[, position_ids] and a "
+                           "KV cache")
     cache = _cache_values(graph, sites, name)
     known = {*TOKEN_INPUTS, *OPTIONAL_INPUTS, *(v.name for v in cache["past"])}
     extra = [n for n in inputs if n not in known]
@@ -52,8 +53,8 @@ def normalize_interface(model: ir.Model, sites: list[OnnxAttentionSite], name: s
                            f"{', '.join(v.name for v in logits) or 'none'}")
     renamed = {}
     layers = len(sites)
-    targets = ([f"past_keys_{i}" for i in range(layers)] + [f"past_values_{i}" for i in range(layers)]
-               + ["logits"] + [f"present_keys_{i}" for i in range(layers)] + [f"present_values_{i}" for i in range(layers)])
+    targets = ([f"past_{kind}_{i}" for kind in ("keys", "values") for i in range(layers)] + ["logits"]
+               + [f"present_{kind}_{i}" for kind in ("keys", "values") for i in range(layers)])
     for value, target in zip([*cache["past"], logits[0], *cache["present"]], targets):
         renamed[target] = value.name
         value.name = target

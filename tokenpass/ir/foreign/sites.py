@@ -222,4 +222,5 @@ def static_size(value: ir.Value, axis: int) -> int | None:
     return size if isinstance(size, int) else None
 
 
-_READERS = {("", "Softmax"): _softmax_site, ("", "Attention"): _attention_site, ("tokenpass", "Attention"): canonical_site}
+_READERS = {("", "Softmax"): _softmax_site, ("", "Attention"): _attention_site,
+            ("tokenpass", "Attention"): canonical_site}

@@ -7,7 +7,14 @@ lowered), ``onnx_translation.py`` (those in standard ONNX ops), ``rewrite.py`` (
 ``tokenpass/kernels/``. Importing this package registers all of them.
 """
 
-from tokenpass.methods.tidaldecode import correction, explicit_ops, onnx_graph, onnx_translation, ops, runtime  # noqa: F401
+from tokenpass.methods.tidaldecode import (  # noqa: F401 - registration
+    correction,
+    explicit_ops,
+    onnx_graph,
+    onnx_translation,
+    ops,
+    runtime,
+)
 from tokenpass.methods.tidaldecode.rewrite import TidalDecode, named_selection_layers, paper_selection_layers
 
 __all__ = ["TidalDecode", "named_selection_layers", "paper_selection_layers"]
