@@ -17,6 +17,7 @@ CORE = ["tokenpass/runtime/generate.py", "tokenpass/runtime/model.py", "tokenpas
         "tokenpass/ir/onnx_slots.py", "tokenpass/ir/onnx_translations.py", "tokenpass/passes/explicit_cache.py",
         "tokenpass/runtime/genai_config.py", "tokenpass/runtime/onnx_session.py", "tokenpass/onnx_export.py",
         "tokenpass/onnx_optimize.py", "tokenpass/passes/onnx_rewrites.py", "tokenpass/runtime/onnx_check.py",
+        "tokenpass/ir/onnx_outline.py",
         *(f"tokenpass/ir/foreign/{name}.py" for name in ("sites", "canonicalize", "interface", "load", "trace"))]
 METHOD_WORDS = re.compile(r"tidal|\bselection_attention\b|\bsparse_attention\b|keyformer|tokenselect|h2o|streamingllm|"
                           r"skipdecode|correction", re.IGNORECASE)

@@ -192,7 +192,7 @@ def test_a_mask_that_is_not_causal_plus_padding_is_refused_by_tidaldecode(plain)
 def test_a_sliding_window_cache_is_not_taken_for_attention_over_the_whole_past(tmp_path):
     """Mistral with a 2-token window: HF's cache keeps only the window, so the keys are not cat(past,
     new) and nothing is rewritten, with the reason."""
-    plain = plain_export(hf_tiny("mistral", sliding_window=2), tmp_path / "mistral.onnx")
+    plain = plain_export(hf_tiny("mistral", sliding_window=2, num_hidden_layers=2), tmp_path / "mistral.onnx")
     with pytest.raises(CaptureError, match=r"no recognisable attention .* a cache that drops tokens"):
         tokenpass.optimize_onnx(plain, tmp_path / "out", [sparse()])
     assert not (tmp_path / "out").exists()
@@ -208,7 +208,19 @@ def _softmax_classifier(opset: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "no-attention", "opset-13", "no-rewrite"])
+def _contrib_attention():
+    """A graph whose attention is onnxruntime's fused GroupQueryAttention (as onnxruntime-genai builds)."""
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 64])
+    node = helper.make_node("GroupQueryAttention", ["q", "", "", "", "", "", ""], ["y"], domain="com.microsoft",
+                            num_heads=4, kv_num_heads=2)
+    graph = helper.make_graph([node], "gqa", [q], [y])
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "no-attention", "opset-13", "no-rewrite",
+                                  "contrib-gqa"])
 def test_bad_input_is_one_clear_error(case, tmp_path, plain):
     path = tmp_path / "bad.onnx"
     passes, error, message = [], CaptureError, ""
@@ -224,6 +236,9 @@ def test_bad_input_is_one_clear_error(case, tmp_path, plain):
     elif case == "opset-13":
         onnx.save(_softmax_classifier(13), path)
         message = "uses ONNX opset 13; tokenpass rewrites opsets 18-23"
+    elif case == "contrib-gqa":
+        onnx.save(_contrib_attention(), path)
+        message = "com.microsoft GroupQueryAttention .* is not rewritten yet"
     elif case == "no-rewrite":
         path, passes, error = plain, [tokenpass.Keyformer()], PassError
         message = "pass 'keyformer' has no rewrite for ONNX graphs yet .*: tidaldecode, tokenselect"

@@ -112,19 +112,16 @@ def test_the_papers_configuration_exports_from_an_optimized_model(tmp_path):
 
 
 def test_options_needing_the_runtime_are_refused_in_one_line(tmp_path):
-    """Cache correction and TokenSelect's selection cache keep or redo work in the runtime's cache."""
+    """TidalDecode's ranking copy and TokenSelect's selection cache live in the runtime's cache (cache
+    correction's refusal is the explicit form's, tests/test_tidaldecode.py)."""
     model = tokenpass.tiny("llama")
-    refusal = "correction_interval re-encodes tokens in the runtime's cache"
-    with pytest.raises(tokenpass.PassError, match=refusal) as info:
-        export_onnx(model, tmp_path / "a", passes=[tokenpass.TidalDecode(top_k=4, correction_interval=4)])
-    assert "\n" not in str(info.value)
     with pytest.raises(ExportError, match=r"score_dtype=\.\.\.\) has no ONNX form yet") as info:
         export_onnx(model, tmp_path / "b", passes=[tokenpass.TidalDecode(top_k=4, score_dtype="bfloat16")])
     assert "\n" not in str(info.value)
     with pytest.raises(tokenpass.PassError, match="theta=0.9 reuses selections kept in the runtime's cache") as info:
         export_onnx(model, tmp_path / "c", passes=[tokenpass.TokenSelect()])
     assert "\n" not in str(info.value)
-    assert not any((tmp_path / name).exists() for name in "abc")
+    assert not any((tmp_path / name).exists() for name in "bc")
 
 
 def test_a_graph_asking_the_runtime_for_a_policy_or_cache_state_is_refused_naming_it():

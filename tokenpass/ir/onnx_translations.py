@@ -5,7 +5,8 @@ exported, and the exporter refuses it by name before any work. A method register
 beside the ops (as the core attention op does here), so the exporter never learns method names.
 
 The translations are onnxscript code traced at export time: Python decides, from the op's constant
-arguments (mask present, soft cap), which ONNX ops to emit, and the result is inlined into the graph.
+arguments (mask present, soft cap), which ONNX ops to emit. The exporter inlines the result, and
+``ir/onnx_outline.py`` then moves each call's nodes into a ``tokenpass``-domain function.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ the sequence axis, the past a graph input), which is what generation with a cach
     out    = MatMul(probs, repeat(cat(past_v, v)))
 
 opset-23 ``Attention(q, repeat(cat(past_k, k)), repeat(cat(past_v, v)), mask)`` with its own scale and
-soft cap (not its ``past_key``/``past_value`` inputs).
+soft cap (not its ``past_key``/``past_value`` inputs). onnxruntime's ``com.microsoft`` attention ops are
+recognised and refused by name (their rotary and padding semantics live inside the op).
 
 ``repeat`` is GQA's head repetition (Unsqueeze/Expand/Reshape) and any other pure layout op; the site
 records the un-repeated cache tensors, as tokenpass's canonical attention takes them. What a site means
@@ -27,6 +28,7 @@ import onnx_ir as ir
 
 LAYOUT_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Identity"}
 SCALE_OPS = {"Mul", "Div"}
+CONTRIB_ATTENTION = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
 
 
 @dataclass
@@ -131,6 +133,12 @@ def _attention_site(node: ir.Node, layer: int) -> OnnxAttentionSite:
     return OnnxAttentionSite(layer, node, node.inputs[0], key, value, mask, scale, softcap, "onnx-attention")
 
 
+def _contrib_site(node: ir.Node, layer: int) -> OnnxAttentionSite:
+    """onnxruntime's fused attention ops: recognised, named, not rewritten yet."""
+    raise NotASite(f"com.microsoft {node.op_type} (onnxruntime-genai's builder) is not rewritten yet: its packed "
+                   "QKV, rotary embedding and right-padding mask (seqlens_k) live inside the op")
+
+
 def canonical_site(node: ir.Node, layer: int) -> OnnxAttentionSite:
     """A ``tokenpass.Attention`` node (a canonicalised site), its constants read from its metadata."""
     meta = node.metadata_props
@@ -223,4 +231,5 @@ def static_size(value: ir.Value, axis: int) -> int | None:
 
 
 _READERS = {("", "Softmax"): _softmax_site, ("", "Attention"): _attention_site,
-            ("tokenpass", "Attention"): canonical_site}
+            ("tokenpass", "Attention"): canonical_site,
+            **{("com.microsoft", op): _contrib_site for op in CONTRIB_ATTENTION}}
