@@ -33,7 +33,7 @@ def function_inputs(values: Sequence[ir.Value | None], names: Sequence[str]) -> 
 def trace_function(translation: Callable, name: str, arguments: Sequence[ir.Value | None], names: Sequence[str],
                    options: dict, opset: int) -> ir.Function:
     """``translation(*arguments, **options)`` traced into a ``tokenpass`` function of ``opset`` ops; the
-    overload is a digest of the options and argument types, so equal calls share one function."""
+    overload is a digest of the options and argument types and shapes, so equal calls share one function."""
     import onnxscript
     from torch.onnx._internal.exporter._building import OpRecorder
 
@@ -52,7 +52,9 @@ def trace_function(translation: Callable, name: str, arguments: Sequence[ir.Valu
 
 
 def _overload(options: dict, arguments: Sequence[ir.Value | None]) -> str:
-    key = repr(sorted(options.items())) + repr([None if a is None else str(a.dtype) for a in arguments])
+    """What the trace decided from: the options and the arguments' types and shapes (a translation may
+    branch on a static head count)."""
+    key = repr(sorted(options.items())) + repr([None if a is None else f"{a.dtype}{a.shape}" for a in arguments])
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
