@@ -187,6 +187,9 @@ def test_a_mask_that_is_not_causal_plus_padding_is_refused_by_tidaldecode(plain)
     before = len(list(model.graph))
     result = rewrite_onnx(sparse(), model, sites, OnnxContext(spec, 18, misses))
     assert result.misses[0].startswith("layer 0") and not result.modified and len(list(model.graph)) == before
+    late = tokenpass.TidalDecode(top_k=4, sparse_start=1, selection_layers=[2])  # layer 1 would read nothing
+    refused = rewrite_onnx(late, model, sites, OnnxContext(spec, 18, []))
+    assert "sparse_start=1 must be a selection layer" in refused.misses[0] and len(list(model.graph)) == before
 
 
 def test_a_sliding_window_cache_is_not_taken_for_attention_over_the_whole_past(tmp_path):

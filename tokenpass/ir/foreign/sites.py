@@ -63,10 +63,6 @@ class OnnxAttentionSite:
         """0: a site a method rewrites has a mask checked to be causal + padding (``runtime/onnx_check.py``)."""
         return 0
 
-    @property
-    def head_dim(self) -> int | None:
-        return static_size(self.key, 3)
-
 
 @dataclass(frozen=True)
 class Miss:

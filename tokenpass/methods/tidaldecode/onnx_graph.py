@@ -40,6 +40,9 @@ def rewrite_onnx(p: TidalDecode, model: ir.Model, sites: list[OnnxAttentionSite]
         return result
     selection = p.placed_selection_layers(sites)
     result.misses = [*context.mask_misses, *_option_misses(p)]
+    if p.sparse_start not in selection:  # as the torch rewrite refuses it
+        result.misses.append(f"layer sparse_start={p.sparse_start} must be a selection layer (got "
+                             f"{sorted(selection)}): the first sparse layer needs a selection to read")
     if result.misses:
         return result
     slots = None
@@ -47,7 +50,7 @@ def rewrite_onnx(p: TidalDecode, model: ir.Model, sites: list[OnnxAttentionSite]
         if site.layer < p.sparse_start or slots is None and site.layer not in selection:
             result.counts["dense_layers"] += 1
         elif site.layer in selection:
-            slots = _selection(p, model, site, context.opset)
+            slots = _selection(p, model, site, context)
             result.counts["selection_layers"] += 1
         else:
             replace_site(model, site, explicit_sparse_onnx, SPARSE, context.opset, extra=(slots,), metadata=METADATA)
@@ -67,11 +70,12 @@ def _option_misses(p: TidalDecode) -> list[str]:
     return misses
 
 
-def _selection(p: TidalDecode, model: ir.Model, site: OnnxAttentionSite, opset: int) -> ir.Value:
-    _, channels = p.ranking_options(site.head_dim or 0)
+def _selection(p: TidalDecode, model: ir.Model, site: OnnxAttentionSite, context: OnnxContext) -> ir.Value:
+    _, channels = p.ranking_options(context.spec.head_dim)  # the spec's head size is static, a site's may not be
     options = {"top_k": p.top_k, "per_kv_head": p.per_kv_head, "sparse_output": p.sparse_selection_output,
                "score_channels": channels}
-    node = replace_site(model, site, explicit_selection_onnx, SELECTION, opset, options=options, metadata=METADATA)
+    node = replace_site(model, site, explicit_selection_onnx, SELECTION, context.opset, options=options,
+                        metadata=METADATA)
     node.outputs[1].name = f"slots_{site.layer}"
     node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
     return node.outputs[1]
