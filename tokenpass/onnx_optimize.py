@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
 
 from tokenpass.api import user_passes
 from tokenpass.errors import CaptureError, PassError
@@ -115,5 +116,7 @@ def _apply(step: ir.Model, requested: list[Pass], phase: str, context: OnnxConte
         result = onnx_rewrite(p)(p, step, sites, context)
         if result.misses:
             raise PassError(f"{p.name} cannot rewrite {name}'s {phase} step: {result.misses[0]}")
+        RemoveUnusedNodesPass()(step)  # what the rewritten calls used to read, and functions no longer called
+        RemoveUnusedFunctionsPass()(step)
         if result.modified:
             changes[p.name] = dict(result.counts)

@@ -11,9 +11,10 @@ from collections import Counter
 from pathlib import Path
 
 from tokenpass.errors import CaptureError
+from tokenpass.ir.foreign.trace import DOMAIN
 
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
-OWN_DOMAIN = "tokenpass"  # model-local functions tokenpass's rewrites of foreign files call
+OWN_DOMAIN = DOMAIN  # model-local functions tokenpass's exports and rewrites call
 _BETWEEN_SCORES_AND_SOFTMAX = {"Add", "Div", "Mul", "Where", "Cast", "Reshape", "Transpose", "Tanh"}
 # Between the probabilities and the value product: torch's exported SDPA zeroes NaN rows (IsNaN/Where),
 # tokenpass's attention zeroes rows with no key left (Where).

@@ -27,7 +27,7 @@ from collections import defaultdict
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from tokenpass.ir.foreign.trace import DOMAIN, DOMAIN_VERSION, MIN_IR_VERSION
+from tokenpass.ir.foreign.trace import DOMAIN, register_function
 
 _FX_CALL = re.compile(r"%(\S+) : .*call_function\[target=torch\.ops\.tokenpass\.(\w+)\.")
 
@@ -114,9 +114,7 @@ def _outline(model: ir.Model, nodes: list[ir.Node], name: str, call: str) -> Non
     body = ir.Graph(body_params, outputs, nodes=[*body_nodes, *nodes], opset_imports={"": opset}, name=name)
     function = ir.Function(DOMAIN, name, _digest(body), graph=body, attributes=[])
     caller.overload = function.overload
-    model.functions.setdefault(function.identifier(), function)
-    model.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
-    model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
+    register_function(model, function)
 
 
 def _constant(value: ir.Value) -> ir.Node:

@@ -3,8 +3,9 @@
 
 A rewrite gets the pass (its options), the step's model, its canonical sites in layer order and what
 the checks found (``OnnxContext``), and returns an ``OnnxRewriteResult``: what it changed, by count, or
-why it could not (``misses``: all or nothing, the model is then left as it was). A pass with no
-registered rewrite is refused in one line naming it.
+why it could not (``misses``: all or nothing, the model is then left as it was). The caller removes
+what the rewrite left unused (replaced nodes, functions no longer called). A pass with no registered
+rewrite is refused in one line naming it.
 """
 
 from __future__ import annotations

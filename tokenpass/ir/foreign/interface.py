@@ -18,7 +18,8 @@ import torch
 
 from tokenpass.errors import CaptureError
 from tokenpass.ir.capture import ModelSpec
-from tokenpass.ir.foreign.sites import OnnxAttentionSite, static_size
+from tokenpass.ir.foreign.sites import OnnxAttentionSite
+from tokenpass.ir.onnx_slots import static_dim
 
 TOKEN_INPUTS = ("input_ids", "attention_mask")
 OPTIONAL_INPUTS = ("position_ids",)
@@ -77,8 +78,8 @@ def _cache_values(graph: ir.Graph, sites: list[OnnxAttentionSite], name: str) ->
 
 def _spec(name: str, sites: list[OnnxAttentionSite], logits: ir.Value) -> ModelSpec:
     past = sites[0].past_key
-    heads, head_dim = static_size(past, 1), static_size(past, 3)
-    vocab = static_size(logits, -1)
+    heads, head_dim = static_dim(past, 1), static_dim(past, 3)
+    vocab = static_dim(logits, -1)
     if None in (heads, head_dim, vocab):
         raise CaptureError(f"{name}: the KV heads, head size and vocabulary must be static in the graph's shapes "
                            f"(past key {past.shape}, logits {logits.shape})")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from tokenpass.ir.onnx_slots import static_dim
+
 LAYOUT_OPS = {"Transpose", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Identity"}
 SCALE_OPS = {"Mul", "Div"}
 CONTRIB_ATTENTION = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
@@ -118,7 +120,7 @@ def _attention_site(node: ir.Node, layer: int) -> OnnxAttentionSite:
         raise NotASite("Attention's extra outputs (present keys, scores) are used")
     key, _ = _cache_root(node.inputs[1], "keys")
     value, _ = _cache_root(node.inputs[2], "values")
-    head_dim = static_size(node.inputs[0], 3)
+    head_dim = static_dim(node.inputs[0], 3)
     scale = node.attributes.get_float("scale", None)
     if scale is None:
         if head_dim is None:
@@ -216,14 +218,6 @@ def _scalar(value: ir.Value | None) -> float | None:
 
 def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
-
-
-def static_size(value: ir.Value, axis: int) -> int | None:
-    """``value``'s size on ``axis`` when the graph states it as a number."""
-    if value.shape is None or not -len(value.shape) <= axis < len(value.shape):
-        return None
-    size = value.shape[axis]
-    return size if isinstance(size, int) else None
 
 
 _READERS = {("", "Softmax"): _softmax_site, ("", "Attention"): _attention_site,

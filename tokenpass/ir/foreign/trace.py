@@ -62,12 +62,24 @@ def call_function(model: ir.Model, function: ir.Function, arguments: Sequence[ir
                   before: ir.Node, metadata: dict[str, str]) -> ir.Node:
     """A node calling ``function`` (registered in ``model``) on ``arguments``, inserted before ``before``;
     ``metadata`` (the op's options as text) rides on the node for later passes and ``tokenpass inspect``."""
-    model.functions.setdefault(function.identifier(), function)
-    model.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
-    model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
+    register_function(model, function)
     node = ir.Node(DOMAIN, function.name, [a for a in arguments if a is not None], overload=function.overload,
                    num_outputs=len(function.outputs), metadata_props=dict(metadata))
     for out, template in zip(node.outputs, function.outputs):
         out.type = template.type or out.type  # dims are the caller's to state: the body's symbols are its own
     before.graph.insert_before(before, node)
     return node
+
+
+def register_function(model: ir.Model, function: ir.Function) -> None:
+    """``function`` among ``model``'s local functions (kept if an equal one is there), the ``tokenpass``
+    domain imported, and an IR version that has function overloads."""
+    model.functions.setdefault(function.identifier(), function)
+    model.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
+    model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
+
+
+def has_calls(model: ir.Model, names: tuple[str, ...]) -> bool:
+    """Whether ``model``'s graph already calls one of the ``tokenpass`` functions ``names`` (a rewrite that
+    made them ran before)."""
+    return any(n.domain == DOMAIN and n.op_type in names for n in model.graph)

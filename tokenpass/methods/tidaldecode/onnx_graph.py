@@ -19,11 +19,10 @@ nothing, as the torch rewrite); so are the runtime-only options (``correction_in
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
 
 from tokenpass.ir.foreign.canonicalize import replace_site
 from tokenpass.ir.foreign.sites import OnnxAttentionSite
-from tokenpass.ir.foreign.trace import DOMAIN
+from tokenpass.ir.foreign.trace import has_calls
 from tokenpass.methods.tidaldecode.onnx_translation import explicit_selection_onnx, explicit_sparse_onnx
 from tokenpass.methods.tidaldecode.rewrite import TidalDecode
 from tokenpass.passes.onnx_rewrites import OnnxContext, OnnxRewriteResult, register_onnx_rewrite
@@ -35,7 +34,7 @@ METADATA = {"tokenpass.pass": TidalDecode.name}
 def rewrite_onnx(p: TidalDecode, model: ir.Model, sites: list[OnnxAttentionSite],
                  context: OnnxContext) -> OnnxRewriteResult:
     result = OnnxRewriteResult(p.name)
-    if any(n.domain == DOMAIN and n.op_type in (SELECTION, SPARSE) for n in model.graph):
+    if has_calls(model, (SELECTION, SPARSE)):
         result.counts["already_applied"] = 1
         return result
     selection = p.placed_selection_layers(sites)
@@ -55,8 +54,6 @@ def rewrite_onnx(p: TidalDecode, model: ir.Model, sites: list[OnnxAttentionSite]
         else:
             replace_site(model, site, explicit_sparse_onnx, SPARSE, context.opset, extra=(slots,), metadata=METADATA)
             result.counts["sparse_layers"] += 1
-    RemoveUnusedNodesPass()(model)
-    RemoveUnusedFunctionsPass()(model)
     return result
 
 

@@ -15,11 +15,10 @@ KV cache) and masks that are not causal + padding (positions are counted over li
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
 
 from tokenpass.ir.foreign.canonicalize import replace_site
 from tokenpass.ir.foreign.sites import OnnxAttentionSite
-from tokenpass.ir.foreign.trace import DOMAIN
+from tokenpass.ir.foreign.trace import has_calls
 from tokenpass.methods.tokenselect.onnx_translation import explicit_token_select_onnx
 from tokenpass.methods.tokenselect.rewrite import TokenSelect
 from tokenpass.passes.onnx_rewrites import OnnxContext, OnnxRewriteResult, register_onnx_rewrite
@@ -30,7 +29,7 @@ FUNCTION = "TokenSelectAttention"  # as export names the explicit op
 def rewrite_onnx(p: TokenSelect, model: ir.Model, sites: list[OnnxAttentionSite],
                  context: OnnxContext) -> OnnxRewriteResult:
     result = OnnxRewriteResult(p.name)
-    if any(n.domain == DOMAIN and n.op_type == FUNCTION for n in model.graph):
+    if has_calls(model, (FUNCTION,)):
         result.counts["already_applied"] = 1
         return result
     result.misses = list(context.mask_misses)
@@ -44,8 +43,6 @@ def rewrite_onnx(p: TokenSelect, model: ir.Model, sites: list[OnnxAttentionSite]
         replace_site(model, site, explicit_token_select_onnx, FUNCTION, context.opset, options=options,
                      metadata={"tokenpass.pass": p.name})
         result.counts["selecting_layers"] += 1
-    RemoveUnusedNodesPass()(model)
-    RemoveUnusedFunctionsPass()(model)
     return result
 
 
