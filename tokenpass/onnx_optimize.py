@@ -4,6 +4,8 @@ The file (e.g. plain ``torch.onnx.export`` of a Hugging Face model with its cach
 goes through the steps a torch model does, on ONNX graphs (onnx-ir)::
 
     load        one-line errors for a missing, corrupt or truncated file and an unsupported opset
+    lower       onnxruntime's fused GroupQueryAttention spelled out around tokenpass.Attention
+                (ir/foreign/contrib.py), so onnxruntime-genai's models are read like any other
     find        attention sites by what they compute (ir/foreign/sites.py); none is an error
     canonicalize  each site -> a tokenpass.Attention function call; the step's inputs and outputs renamed
                 to tokenpass's (ir/foreign/interface.py); then *run* against the file as it came, and
@@ -26,6 +28,7 @@ from tokenpass.api import user_passes
 from tokenpass.errors import CaptureError, PassError
 from tokenpass.ir.capture import PHASES
 from tokenpass.ir.foreign.canonicalize import canonicalize
+from tokenpass.ir.foreign.contrib import lower_group_query_attention, lower_simplified_layer_norm
 from tokenpass.ir.foreign.interface import normalize_interface
 from tokenpass.ir.foreign.load import default_opset, load_model
 from tokenpass.ir.foreign.sites import OnnxAttentionSite, find_attention_sites
@@ -55,13 +58,16 @@ def optimize_onnx(source: str | Path, path: str | Path, passes: "Sequence[str | 
     with status(f"reading {source.name}"):
         model = load_model(source)
     opset = default_opset(model)
+    lowered = lower_group_query_attention(model, opset, source.stem)
+    lower_simplified_layer_norm(model)
     sites = _sites(model, source)
     with status(f"canonicalising {len(sites)} attention sites"):
         spellings = _spellings(sites)
         sites = canonicalize(model, sites, opset)
         spec, interface = normalize_interface(model, sites, source.stem)
         reference = session_of(source)
-        check_same_outputs(reference, session_of(model), spec, "canonicalising attention", interface.renamed)
+        check_same_outputs(reference, session_of(model), spec, "canonicalising attention", interface.renamed,
+                           padded=not lowered)  # the fused op's seqlens_k assumes right padding; ours, left
     for p in requested:
         p.check_model(spec)
     context = OnnxContext(spec, opset, one_query_mask_misses(model, sites, spec))
@@ -97,7 +103,8 @@ def _sites(model: ir.Model, source: Path) -> list[OnnxAttentionSite]:
 def _spellings(sites: list[OnnxAttentionSite]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for site in sites:
-        key = f"{site.spelling.replace('-', '_')}_sites"
+        spelling = site.node.metadata_props.get("tokenpass.from", site.spelling)
+        key = f"{spelling.replace('-', '_').replace('.', '_')}_sites"
         counts[key] = counts.get(key, 0) + 1
     return counts
 

@@ -13,6 +13,8 @@ on the torch runtime's tokens), then times decode steps: every round runs each r
 ``--foreign 18`` (or 23) makes the ONNX files the way a user without tokenpass would, then has tokenpass
 rewrite them: a plain ``torch.onnx.export`` at that opset (``tools/plain_onnx_export.py``), then
 ``tokenpass.optimize_onnx`` with ``--passes``; the torch runtime still optimises the model itself.
+``--foreign genai`` starts from onnxruntime-genai's model builder instead (fused GroupQueryAttention,
+``tools/genai_builder_export.py``) and also times the builder's own model under its own generator.
 """
 
 from __future__ import annotations
@@ -82,23 +84,29 @@ def decode_logits(model, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
     return torch.cat(steps, 1)
 
 
-def make_export(model, passes: list[str], directory: Path, foreign: int | None) -> tuple:
-    """The export the ONNX runtimes run, and the seconds each stage took."""
+def make_export(model, passes: list[str], directory: Path, foreign: str | None) -> tuple:
+    """The export the ONNX runtimes run, the seconds each stage took, and the foreign file's directory."""
     seconds = {}
     start = time.perf_counter()
     if foreign is None:
         export = tokenpass.export_onnx(model, directory / "onnx", passes=passes)
         seconds["export_s"] = time.perf_counter() - start
-        return export, seconds
-    from plain_onnx_export import plain_export
+        return export, seconds, None
     from tokenpass.onnx_export import token_ids
 
-    plain = plain_export(model, directory / "plain.onnx", opset=foreign)
+    if foreign == "genai":
+        from genai_builder_export import genai_export
+
+        plain = genai_export(model, directory / "genai")
+    else:
+        from plain_onnx_export import plain_export
+
+        plain = plain_export(model, directory / "plain.onnx", opset=int(foreign))
     seconds["plain_export_s"] = time.perf_counter() - start
     start = time.perf_counter()
     export = tokenpass.optimize_onnx(plain, directory / "onnx", passes, token_ids=token_ids(model))
     seconds["optimize_onnx_s"] = time.perf_counter() - start
-    return export, seconds
+    return export, seconds, plain.parent if foreign == "genai" else None
 
 
 def main() -> None:
@@ -109,8 +117,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--passes", default="", help="comma-separated passes (name:option=value) for both runtimes")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--foreign", type=int, choices=(18, 23), default=None,
-                        help="rewrite a plain torch.onnx.export at this opset instead of exporting with tokenpass")
+    parser.add_argument("--foreign", choices=("18", "23", "genai"), default=None,
+                        help="rewrite a plain torch.onnx.export at this opset, or onnxruntime-genai's builder's "
+                             "model (fused GroupQueryAttention; its own file is timed too), instead of exporting")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,24 +129,27 @@ def main() -> None:
     ids = prompt_ids(args.model, model.config.vocab_size, args.context)
     torch_runtime = tokenpass.optimize(model, passes)
     with tempfile.TemporaryDirectory() as tmp:
-        export, seconds = make_export(model, passes, Path(tmp), args.foreign)
+        export, seconds, built = make_export(model, passes, Path(tmp), args.foreign)
         onnx_runtime = tokenpass.OnnxModel(export.directory)
         genai = GenaiRunner(export.directory)
+        runners = {"torch": torch_runtime, "onnx": onnx_runtime, "genai": genai}
+        if built is not None:  # the builder's own fused model under its own generator: the peer to beat
+            runners["genai_builder_model"] = GenaiRunner(built)
         torch_tokens = torch_runtime.generate(ids, max_new_tokens=args.tokens)
         onnx_tokens = onnx_runtime.generate(ids, max_new_tokens=args.tokens)
         genai_tokens = genai.generate(ids, max_new_tokens=args.tokens)
         logits_diff = float((onnx_runtime(ids) - torch_runtime(ids)).abs().max())
         step_diff = float((decode_logits(onnx_runtime, torch_tokens, ids.shape[1])
                            - decode_logits(torch_runtime, torch_tokens, ids.shape[1])).abs().max())
-        timings: dict[str, list[float]] = {"torch": [], "onnx": [], "genai": []}
+        timings: dict[str, list[float]] = {name: [] for name in runners}
         for _ in range(args.rounds):
-            for name, runtime in (("torch", torch_runtime), ("onnx", onnx_runtime), ("genai", genai)):
+            for name, runtime in runners.items():
                 timings[name].append(decode_seconds(runtime, ids, args.tokens))
         file_mb = {p: f.stat().st_size / 2**20 for p, f in export.files.items()}
     per_step = {name: statistics.median(values) for name, values in timings.items()}
     print(json.dumps({
         "model": args.model, "passes": passes, "context": args.context, "tokens": args.tokens,
-        "rounds": args.rounds, "threads": torch.get_num_threads(), "foreign_opset": args.foreign,
+        "rounds": args.rounds, "threads": torch.get_num_threads(), "foreign": args.foreign,
         **{k: round(v, 1) for k, v in seconds.items()},
         "file_mb": {p: round(mb, 1) for p, mb in file_mb.items()}, "opset": export.opset,
         "greedy_tokens_equal": bool(torch.equal(torch_tokens, onnx_tokens)),

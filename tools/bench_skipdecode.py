@@ -8,8 +8,9 @@ fine-tuning, under the ``tokenpass bench`` protocol (teacher-forced over real te
 Skip levels are fractions of the layers skipped at every decode step (``min_layers = max_layers``, warm-up 2):
 the depth a linear schedule reaches at its end. Speed rounds are interleaved (every configuration once per
 round) and reported as medians; the speed-up is against the dense runtime measured in the same rounds.
-Quality is measured on the default corpus (licence texts); fine-tuning reads CPython's pydoc topics, so
-the evaluation text is never trained on.
+Quality is measured on the default corpus (licence texts); fine-tuning reads CPython's pydoc topics and,
+with ``--train-text``, licence prose from the machine's package docs with every paragraph that shares a run
+of eight words with the evaluation corpus dropped, so the evaluation text is never trained on.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ import tokenpass
 from tokenpass.api import capture, fork, optimize_graphs
 from tokenpass.bench import Run, compare, teacher_forced
 from tokenpass.models import finetuned_dir, load_tokenizer
-from tokenpass.texts import finetune_text, read_text, token_ids
+from tokenpass.texts import finetune_text, licence_prose, read_text, token_ids
 
 WARMUP = 2  # the default: --warmup
+TRAIN_TEXTS = {  # --train-text: none of them shares a run of eight words with the evaluation corpus
+    "pydoc": finetune_text,
+    "licences": licence_prose,
+    "mixed": lambda: finetune_text() + "\n\n" + licence_prose(),
+}
 
 
 def skip_pass(num_layers: int, skip: float, warmup: int = WARMUP) -> tokenpass.SkipDecode:
@@ -133,12 +139,13 @@ def finetune(args) -> dict:
             model.save_pretrained(finetuned_dir(f"{args.save}-best"))
         return row
 
-    text = torch.tensor(load_tokenizer()(finetune_text(), add_special_tokens=False)["input_ids"])
+    text = torch.tensor(load_tokenizer()(TRAIN_TEXTS[args.train_text](), add_special_tokens=False)["input_ids"])
     report = tokenpass.finetune(model, [trained], text, steps=args.steps, batch=args.batch,
                                 seq_len=args.seq_len, lr=args.lr, save=args.save, evaluate=evaluate,
                                 evaluate_every=args.evaluate_every, lr_end=args.lr_end,
                                 teacher=tokenpass.load("smollm2") if args.distill else None)
-    return {"skip": args.skip, "warmup": args.warmup, "train_tokens": len(text), "init": args.init,
+    return {"skip": args.skip, "warmup": args.warmup, "train_text": args.train_text, "train_tokens": len(text),
+            "init": args.init,
             "distill": args.distill,
             **report.to_dict()}
 
@@ -166,6 +173,8 @@ def main() -> None:
     parser.add_argument("--evaluate-every", type=int, default=50)
     parser.add_argument("--save", default=None)
     parser.add_argument("--distill", action="store_true", help="finetune: KL to the unmodified model, not the text")
+    parser.add_argument("--train-text", choices=sorted(TRAIN_TEXTS), default="pydoc",
+                        help="finetune: pydoc topics, licence prose from /usr/share/doc, or both")
     parser.add_argument("--init", default=None, help="finetune: start from these saved weights (default: smollm2)")
     args = parser.parse_args()
     args.batch = args.batch or (4 if args.mode == "finetune" else 1)

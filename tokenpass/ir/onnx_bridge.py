@@ -31,10 +31,33 @@ def load_onnx(path: str | Path):
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
-    except Exception as exc:  # noqa: BLE001 - protobuf/checker errors vary; the user needs one line
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise CaptureError(f"{path} is not a valid ONNX model: {type(exc).__name__}: {first}") from None
+    except onnx.checker.ValidationError as exc:
+        if not (_UNREGISTERED in str(exc) and _onnxruntime_loads(path)):
+            raise CaptureError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - protobuf errors vary; the user needs one line
+        raise CaptureError(f"{path} is not a valid ONNX model: {type(exc).__name__}: {_first_line(exc)}") from None
     return model
+
+
+# onnxruntime registers some of its ops in the standard domain (SimplifiedLayerNormalization, which
+# onnxruntime-genai's builder writes); ONNX's checker does not know them, onnxruntime runs them.
+_UNREGISTERED = "No Op registered for"
+
+
+def _onnxruntime_loads(path: Path) -> bool:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - any failure means the checker's complaint stands
+        return False
+    return True
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _dims(value_info) -> list[str]:

@@ -26,15 +26,17 @@ PAST = 3
 TOLERANCE = {torch.float32: (1e-3, 1e-4), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 1e-2)}
 
 
-def sample_feeds(spec: ModelSpec, new: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """One step of a batch of two over a past of ``PAST`` tokens, the first row left-padded by two."""
+def sample_feeds(spec: ModelSpec, new: int, seed: int = 0, padded: bool = True) -> dict[str, np.ndarray]:
+    """One step of a batch of two over a past of ``PAST`` tokens, the first row left-padded by two
+    (``padded``; else one whole row: onnxruntime's fused GroupQueryAttention takes no batch of several new
+    tokens over a past)."""
     rng = np.random.default_rng(seed)
-    total = PAST + new
-    mask = np.ones((2, total), dtype=np.int64)
-    mask[0, :2] = 0
-    feeds = {"input_ids": rng.integers(0, spec.vocab_size, (2, new)), "attention_mask": mask,
+    rows = 2 if padded else 1
+    mask = np.ones((rows, PAST + new), dtype=np.int64)
+    mask[0, : 2 if padded else 0] = 0
+    feeds = {"input_ids": rng.integers(0, spec.vocab_size, (rows, new)), "attention_mask": mask,
              "position_ids": np.maximum(mask.cumsum(1) - 1, 0)[:, PAST:]}
-    shape = (2, spec.num_kv_heads, PAST, spec.head_dim)
+    shape = (rows, spec.num_kv_heads, PAST, spec.head_dim)
     dtype = np.float16 if spec.dtype == torch.float16 else np.float32
     for kind in ("keys", "values"):
         feeds.update({f"past_{kind}_{i}": rng.standard_normal(shape).astype(dtype) for i in range(spec.num_layers)})
@@ -64,13 +66,15 @@ def session_of(model: ir.Model | Path):
         raise CaptureError(f"onnxruntime cannot load the rewritten graph: {first}") from None
 
 
-def check_same_outputs(reference, candidate, spec: ModelSpec, what: str, renamed: dict[str, str]) -> None:
+def check_same_outputs(reference, candidate, spec: ModelSpec, what: str, renamed: dict[str, str],
+                       padded: bool = True) -> None:
     """``candidate`` (a session) computes ``reference``'s outputs on sample steps of 3 and 1 new tokens;
-    ``renamed``: tokenpass name -> ``reference``'s name for the inputs and outputs the candidate renamed."""
+    ``renamed``: tokenpass name -> ``reference``'s name for the inputs and outputs the candidate renamed.
+    ``padded=False``: rows without padding only, where the reference pads otherwise than tokenpass."""
     atol, rtol = TOLERANCE.get(spec.dtype, TOLERANCE[torch.float32])
     names = [o.name for o in candidate.get_outputs()]
     for new in (3, 1):
-        feeds = sample_feeds(spec, new)
+        feeds = sample_feeds(spec, new, padded=padded)
         for name, want, got in zip(names, run(reference, feeds, renamed, names), run(candidate, feeds)):
             diff = float(np.abs(want.astype(np.float32) - got.astype(np.float32)).max())
             if diff > atol + rtol * float(np.abs(want).max()):

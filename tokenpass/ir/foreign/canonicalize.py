@@ -48,15 +48,23 @@ def replace_site(model: ir.Model, site: OnnxAttentionSite, translation: Callable
     and ``extra`` arguments, in the site's place: its result takes over the site's uses. ``options``
     join the site's scale and soft cap (the layer is metadata, not arithmetic: equal layers share one
     function); ``metadata`` joins the site's."""
+    node = insert_call(model, site, translation, name, opset, extra, options, metadata)
+    out = node.outputs[0]
+    out.type, out.shape = site.output.type, site.output.shape
+    ir.convenience.replace_all_uses_with(site.output, out)
+    return node
+
+
+def insert_call(model: ir.Model, site: OnnxAttentionSite, translation: Callable, name: str, opset: int,
+                extra: tuple = (), options: dict | None = None, metadata: dict | None = None) -> ir.Node:
+    """``replace_site``'s call, inserted before the site's node, its result not yet used."""
     arguments = (site.query, site.key, site.value, site.mask, *extra)
     options = {**(options or {}), "scale": site.scale, "softcap": site.softcap}
     names = (*ARGUMENTS, *(f"extra_{i}" for i in range(len(extra))))
     function = trace_function(translation, name, arguments, names, options, opset)
     node = call_function(model, function, arguments, site.node, {**site_metadata(site), **(metadata or {})})
     node.name = f"tokenpass_{name.lower()}_{site.layer}"
-    out = node.outputs[0]
-    out.name, out.type, out.shape = f"{name.lower()}_{site.layer}", site.output.type, site.output.shape
-    ir.convenience.replace_all_uses_with(site.output, out)
+    node.outputs[0].name = f"{name.lower()}_{site.layer}"
     return node
 
 

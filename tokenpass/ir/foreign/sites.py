@@ -10,8 +10,9 @@ the sequence axis, the past a graph input), which is what generation with a cach
     out    = MatMul(probs, repeat(cat(past_v, v)))
 
 opset-23 ``Attention(q, repeat(cat(past_k, k)), repeat(cat(past_v, v)), mask)`` with its own scale and
-soft cap (not its ``past_key``/``past_value`` inputs). onnxruntime's ``com.microsoft`` attention ops are
-recognised and refused by name (their rotary and padding semantics live inside the op).
+soft cap (not its ``past_key``/``past_value`` inputs). onnxruntime's ``com.microsoft`` GroupQueryAttention
+(onnxruntime-genai's builder) is lowered to the canonical form before sites are read (``contrib.py``); what
+it cannot lower, and the other com.microsoft attention ops, are refused by name, saying why.
 
 ``repeat`` is GQA's head repetition (Unsqueeze/Expand/Reshape) and any other pure layout op; the site
 records the un-repeated cache tensors, as tokenpass's canonical attention takes them. What a site means
@@ -132,9 +133,28 @@ def _attention_site(node: ir.Node, layer: int) -> OnnxAttentionSite:
 
 
 def _contrib_site(node: ir.Node, layer: int) -> OnnxAttentionSite:
-    """onnxruntime's fused attention ops: recognised, named, not rewritten yet."""
-    raise NotASite(f"com.microsoft {node.op_type} (onnxruntime-genai's builder) is not rewritten yet: its packed "
-                   "QKV, rotary embedding and right-padding mask (seqlens_k) live inside the op")
+    """onnxruntime's fused attention ops left in the graph: ``ir/foreign/contrib.py`` lowers every
+    GroupQueryAttention it can first, so one found here is one it cannot, and this says why."""
+    raise NotASite(gqa_refusal(node) if node.op_type == "GroupQueryAttention" else
+                   f"com.microsoft {node.op_type} is not rewritten (onnxruntime-genai's decoders use "
+                   "GroupQueryAttention, which is)")
+
+
+def gqa_refusal(node: ir.Node) -> str | None:
+    """Why a com.microsoft GroupQueryAttention cannot be lowered to standard attention, or None."""
+    attrs = node.attributes
+    unsupported = [(attrs.get_int("local_window_size", -1) != -1, "a local (sliding) window"),
+                   (attrs.get_int("rotary_interleaved", 0) != 0, "interleaved rotary embedding"),
+                   (attrs.get_int("smooth_softmax", 0) != 0, "smooth softmax"),
+                   (any(v is not None for v in node.inputs[9:]), "position_ids, attention_bias or head_sink inputs"),
+                   (len(node.inputs) < 5 or node.inputs[3] is None or not node.inputs[3].is_graph_input(),
+                    "no past_key graph input (no explicit KV cache)")]
+    for bad, what in unsupported:
+        if bad:
+            return f"com.microsoft GroupQueryAttention with {what} is not supported"
+    if attrs.get_int("do_rotary", 0) and (len(node.inputs) < 9 or node.inputs[7] is None):
+        return "com.microsoft GroupQueryAttention with do_rotary=1 has no cos_cache/sin_cache"
+    return None
 
 
 def canonical_site(node: ir.Node, layer: int) -> OnnxAttentionSite:
