@@ -44,8 +44,8 @@ def skip_pass(num_layers: int, skip: float, warmup: int = WARMUP) -> tokenpass.S
     return tokenpass.SkipDecode(min_layers=depth, max_layers=depth, warmup=warmup)
 
 
-def _eval_tokens(context: int, continuation: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.tensor(token_ids(load_tokenizer(), read_text(), context + continuation))
+def _eval_tokens(context: int, continuation: int, text: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor(token_ids(load_tokenizer(), read_text(text), context + continuation))
     return ids[:context].view(1, -1), ids[context:]
 
 
@@ -111,7 +111,7 @@ def quality_rows(model, dense: Run, prompt: torch.Tensor, cont: torch.Tensor, sk
 
 
 def quality(args) -> dict:
-    prompt, cont = _eval_tokens(args.context, args.continuation)
+    prompt, cont = _eval_tokens(args.context, args.continuation, args.text)
     original = tokenpass.load("smollm2")
     dense = teacher_forced(tokenpass.optimize(original, []), prompt, cont, "dense")
     rows = quality_rows(original, dense, prompt, cont, args.skips, "original", args.warmups)
@@ -121,7 +121,7 @@ def quality(args) -> dict:
 
 
 def finetune(args) -> dict:
-    prompt, cont = _eval_tokens(args.context, args.continuation)
+    prompt, cont = _eval_tokens(args.context, args.continuation, args.text)
     dense = teacher_forced(tokenpass.optimize(tokenpass.load("smollm2"), []), prompt, cont, "dense")
     model = tokenpass.load(args.init or "smollm2")  # --init: go on from an earlier run's weights
     layers = model.config.num_hidden_layers
@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--warmups", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="quality: warm-ups to compare (default: --warmup)")
     parser.add_argument("--compile", action="store_true", help="speed: run the steps compiled (torch.compile)")
+    parser.add_argument("--text", default=None, help="quality/finetune: evaluate on this file, not the default corpus")
     parser.add_argument("--weights", help="quality: a fine-tuned model's name or directory, measured as well")
     parser.add_argument("--skip", type=float, default=0.25, help="finetune: the skip level trained")
     parser.add_argument("--steps", type=int, default=200)

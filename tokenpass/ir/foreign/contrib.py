@@ -161,8 +161,8 @@ def _step_values(graph: ir.Graph, first: ir.Node, name: str) -> StepValues:
     tape = ir.tape.Tape()
     total = tape.op("Squeeze", [tape.op("Shape", [attention_mask], {"start": 1, "end": 2})])
     new = tape.op("Squeeze", [tape.op("Shape", [ids], {"start": 1, "end": 2})])
-    one = tape.op("Constant", [], {"value": ir.tensor(np.array(1, dtype=np.int64))})
-    keys = tape.op("Unsqueeze", [tape.op("Range", [tape.op("Sub", [total, total]), total, one]), _ints(tape, [0])])
+    zero, one = (tape.op("Constant", [], {"value": ir.tensor(np.array(i, dtype=np.int64))}) for i in (0, 1))
+    keys = tape.op("Unsqueeze", [tape.op("Range", [zero, total, one]), _ints(tape, [0])])
     queries = tape.op("Unsqueeze", [tape.op("Range", [tape.op("Sub", [total, new]), total, one]), _ints(tape, [1])])
     causal = tape.op("Unsqueeze", [tape.op("LessOrEqual", [keys, queries]), _ints(tape, [0, 1])])  # [1, 1, S, T]
     padding = tape.op("Unsqueeze", [tape.op("Cast", [attention_mask], {"to": ir.DataType.BOOL}), _ints(tape, [1, 2])])
