@@ -7,7 +7,7 @@ spread then weigh the same, which raw score sums would not give. The query heads
 keys once (the group is folded into the rows). No attention output is produced.
 
 Shapes: query ``[B, Hq, 1, D]``, keys ``[B, Hkv, S, D]``, ``candidates`` ``[B, S]`` bool (shared by the
-heads: one selection serves the whole layer). Returns ``[B, S]`` fp32, 0 where not a candidate.
+heads: one selection serves the whole layer) or None (all). Returns ``[B, S]`` fp32, 0 where not a candidate.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ import torch
 from tokenpass.kernels.cache_attention_ref import soft_cap
 
 
-def soft_vote(query: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, scale: float,
+def soft_vote(query: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor | None, scale: float,
               softcap: float | None = None) -> torch.Tensor:
+    """``candidates`` None: every slot is one (no mask to apply, no empty row to fix)."""
     b, hq, _, d = query.shape
     hkv = keys.shape[1]
     q = query.reshape(b, hkv, hq // hkv, d).float()
     scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap)  # [B, Hkv, G, S]
+    if candidates is None:
+        return scores.softmax(-1).sum((1, 2))
     scores = scores.masked_fill(~candidates[:, None, None, :], float("-inf"))
     votes = scores.softmax(-1).nan_to_num_(0.0)  # a row without candidates votes for nothing
     return votes.sum((1, 2))

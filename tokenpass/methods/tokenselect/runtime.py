@@ -28,6 +28,8 @@ def token_select_attention(query, key_new, value_new, scale, layer, n_init, n_lo
         count_read(keys, values)
         return attend_cache(query, keys, values, valid, scale, softcap).contiguous()
     positions = cache.layers[layer].positions[:, 0, : keys.shape[2]]  # [B, S]: every head holds every token
+    if valid is None and not query.is_cuda and _slots_are_positions(positions):  # CUDA: one vote kernel pass
+        return _contiguous(cache, layer, query, keys, values, scale, n_init, n_local, top_k, theta, softcap)
     live_slots = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid[:, 0]
     last = cache.step_positions[:, -1:]  # [B, 1]
     fixed = live_slots & ((positions < n_init) | (positions > last - n_local))
@@ -44,14 +46,38 @@ def token_select_attention(query, key_new, value_new, scale, layer, n_init, n_lo
     return out.contiguous()
 
 
+def _slots_are_positions(positions: torch.Tensor) -> bool:
+    """Slot ``j`` holds position ``j`` in every row (no padding, no eviction, positions from 0): the
+    initial, candidate and local slots are then three ranges of slots."""
+    last = positions.shape[1] - 1
+    return bool(((positions[:, 0] == 0) & (positions[:, -1] == last)).all())
+
+
+def _contiguous(cache: KVCache, layer: int, query, keys, values, scale: float, n_init: int, n_local: int, top_k: int,
+                theta: float, softcap) -> torch.Tensor:
+    """The selection where every slot is live and slots are positions: the candidates are the slots
+    between the first ``n_init`` and the last ``n_local``, so the vote reads that slice of K with no mask
+    and the slots read are the three parts concatenated: no masks, no second top-k to find what was
+    chosen (on two CPU cores those small ops cost as much as the attention they save)."""
+    s = keys.shape[2]
+    selected = _selection(cache, layer, query, keys[:, :, n_init : s - n_local], None, scale, top_k, theta, softcap,
+                          offset=n_init)
+    batch = keys.shape[0]
+    slots = torch.cat([torch.arange(n_init, device=keys.device).expand(batch, -1), selected,
+                       torch.arange(s - n_local, s - 1, device=keys.device).expand(batch, -1)], dim=1)
+    out = attend_slots(query, keys, values, None, slots[:, None, :].expand(-1, keys.shape[1], -1), scale, softcap)
+    return out.contiguous()
+
+
 def _selection(cache: KVCache, layer: int, query, keys, candidates, scale: float, top_k: int, theta: float,
-               softcap) -> torch.Tensor:
-    """The ``top_k`` candidate slots by soft vote, ``[B, top_k]``; rows whose query is close to the one
+               softcap, offset: int = 0) -> torch.Tensor:
+    """The ``top_k`` candidate slots by soft vote, ``[B, top_k]`` (slot indices: ``offset`` plus the index
+    into ``keys``; ``candidates`` None: every slot of ``keys``); rows whose query is close to the one
     that made the layer's last selection reuse that selection (counted in the cache's notes)."""
     flat = query.reshape(query.shape[0], -1).float()
     stored = cache.notes.setdefault(SELECTION_CACHE, {}).get(layer)
     hit = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
-    if stored is not None and theta <= 1 and stored[1].shape[-1] == min(top_k, candidates.shape[-1]):
+    if stored is not None and theta <= 1 and stored[1].shape[-1] == min(top_k, keys.shape[2]):
         hit = torch.nn.functional.cosine_similarity(flat, stored[0], dim=-1) >= theta
     cache.notes[LOOKUPS] = int(cache.notes.get(LOOKUPS, 0)) + flat.shape[0]
     cache.notes[HITS] = int(cache.notes.get(HITS, 0)) + int(hit.sum())
@@ -64,7 +90,9 @@ def _selection(cache: KVCache, layer: int, query, keys, candidates, scale: float
         votes = soft_vote_kernel(query, keys, candidates, scale, softcap)
     else:
         votes = soft_vote(query, keys, candidates, scale, softcap)
-    fresh = votes.masked_fill(~candidates, float("-inf")).topk(min(top_k, votes.shape[-1]), dim=-1).indices
+    if candidates is not None:
+        votes = votes.masked_fill(~candidates, float("-inf"))
+    fresh = votes.topk(min(top_k, votes.shape[-1]), dim=-1, sorted=False).indices + offset
     if stored is not None and bool(hit.any()):
         fresh = torch.where(hit[:, None], stored[1], fresh)
         flat = torch.where(hit[:, None], stored[0], flat)
