@@ -73,14 +73,8 @@ def lower_simplified_layer_norm(model: ir.Model) -> int:
             node.attributes.get_float("epsilon", 1e-5), dtype=np.float32))})
         normed = tape.op("Div", [wide, tape.op("Sqrt", [tape.op("Add", [mean, epsilon])])])
         out = tape.op("Mul", [tape.op("CastLike", [normed, x]), scale])
-        for created in tape.nodes:
-            node.graph.insert_before(node, created)
-        old = node.outputs[0]
-        out.type, out.shape, name = old.type, old.shape, old.name
-        old.name = None
-        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-        out.name = name
-        node.graph.remove(node, safe=True)
+        out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
+        _replace_node(node, tape, [out])
     return len(nodes)
 
 
@@ -130,19 +124,26 @@ def _rotate(tape: ir.tape.Tape, x: ir.Value, cos: ir.Value, sin: ir.Value) -> ir
 
 
 def _take_over_outputs(node: ir.Node, attention: ir.Value, key: ir.Value, value: ir.Value) -> None:
-    """The fused node's output, present keys and present values replaced (graph outputs keep their names)."""
+    """The fused node's output ([B, S, H * D]), present keys and present values replaced."""
     tape = ir.tape.Tape()
     transposed = tape.op("Transpose", [attention], {"perm": [0, 2, 1, 3]})
     merged = tape.op("Reshape", [transposed, _ints(tape, [0, 0, -1])])
+    merged.type, merged.shape = node.outputs[0].type, node.outputs[0].shape
+    _replace_node(node, tape, [merged, key, value])
+
+
+def _replace_node(node: ir.Node, tape: ir.tape.Tape, outputs: list[ir.Value]) -> None:
+    """``tape``'s nodes inserted before ``node``, ``outputs`` taking over its outputs' uses and names (graph
+    outputs included: a present cache keeps its name), ``node`` removed."""
     for created in tape.nodes:
         node.graph.insert_before(node, created)
-    old = list(node.outputs)
-    merged.type, merged.shape = old[0].type, old[0].shape
+    old = list(node.outputs[: len(outputs)])
     names = [v.name for v in old]
     for v in old:
         v.name = None
-    ir.convenience.replace_all_uses_with(old, [merged, key, value], replace_graph_outputs=True)
-    merged.name, key.name, value.name = names
+    ir.convenience.replace_all_uses_with(old, outputs, replace_graph_outputs=True)
+    for out, name in zip(outputs, names):
+        out.name = name
     node.graph.remove(node, safe=True)
 
 
