@@ -176,16 +176,16 @@ def test_named_selection_layer_sets():
 @pytest.mark.smollm2
 def test_quality_on_real_text_within_bounds(smollm2):
     """The shipped default at the issue's 4096-token context (64 continuation tokens here; 256 in the
-    benchmarks: 1.006 / 0.961 / 0.0065), and top_k covering the context as the exactness anchor."""
+    benchmarks: 1.006 / 0.961 / 0.0065). A top_k covering the context reproducing dense decoding is
+    tested on the tiny models (``DENSE_SPARSE``): a third 4096-token run here cost CI half a minute."""
     from tokenpass.models import load_tokenizer
     from tokenpass.texts import read_text, token_ids
 
     ids = token_ids(load_tokenizer("smollm2"), read_text(), 4096 + 64)
-    configs = {"default": ["tidaldecode"], "exact": ["tidaldecode:top_k=4096"]}
+    configs = {"default": ["tidaldecode"]}
     report = bench(smollm2, configs, token_ids=ids, context=4096, continuation=64, greedy_tokens=0, name="smollm2")
-    base, default, exact = report["configs"]
-    assert exact["top1_agreement"] == 1.0 and exact["kl"] < 1e-5
-    assert default["ppl_ratio"] < 1.05 and default["top1_agreement"] >= 0.92 and exact["kl"] < default["kl"] < 0.03
+    base, default = report["configs"]
+    assert default["ppl_ratio"] < 1.05 and default["top1_agreement"] >= 0.92 and 1e-5 < default["kl"] < 0.03
     assert default["kv_read_bytes_per_step"] < 0.5 * base["kv_read_bytes_per_step"]
 
 
