@@ -67,7 +67,7 @@ def finetune_text() -> str:
 
 
 def licence_prose(exclude: str | None = None) -> str:
-    """Licence prose from the machine's Debian package docs (``/usr/share/doc/*/copyright``, about 40k
+    """Licence prose from the machine's Debian package docs (``/usr/share/doc/*/copyright``, about 33k
     SmolLM2 tokens), the genre of the default corpus but none of its text: a paragraph sharing any run of
     eight words with ``exclude`` (default: the whole default corpus) is dropped, as are file lists, headers
     and duplicates. Fine-tuning a model that is evaluated on licence texts on pydoc alone leaves part of
