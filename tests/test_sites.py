@@ -3,6 +3,8 @@ import pytest
 import tokenpass
 from tokenpass.models import TINY_FAMILIES
 
+from conftest import hf_tiny
+
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_every_family_exposes_layers_attention_cache_and_head(family):
@@ -35,3 +37,15 @@ def test_smollm2_sites(smollm2_optimized):
         assert {(s.num_heads, s.num_kv_heads, s.head_dim) for s in sites.attention} == {(9, 3, 64)}
         assert sites.lm_head.norm_module == "model.norm" and sites.lm_head.norm_kind == "rms_norm"
         assert sites.layers[7].module == "model.layers.7"
+
+
+def test_key_rotary_reads_frequencies_and_rotated_dims_from_the_graph():
+    """Partial rotary (phi3 with half the dims rotated) is found from the graph; learned absolute
+    positions (gpt2) are reported as no rotary, naming the keys."""
+    from tokenpass.ir.rotary import Rotary, key_rotary
+
+    for model, want in ((hf_tiny("phi3", partial_rotary_factor=0.5), Rotary("b_model_model_rotary_emb_inv_freq", 8)),
+                        (tokenpass.tiny("gpt2"), "is not the sum x * cos + rotate_half(x) * sin")):
+        graph = tokenpass.optimize(model, passes=[], phases=["decode"]).graphs["decode"]
+        found = key_rotary(graph.node(graph.sites().attention[0].key))
+        assert found == want if isinstance(want, Rotary) else want in found
