@@ -29,11 +29,20 @@ def test_parts_covering_the_cache_reproduce_dense_greedy(family):
 class _MaskedTokenSelectReference:
     """TokenSelect written plainly as HF attention (batch 1): candidates scored by every query head,
     soft-voted, the top_k plus the first and the recent tokens kept, the rest masked; the selection
-    cache compares the flattened query with the one that made the layer's last selection."""
+    cache compares the flattened query with the one that made the layer's last selection. With the model's
+    ``rotary`` embedding, positions are contiguous as the paper builds them: query and kept keys are
+    un-rotated, then rotated again at positions 0..n-1 of the kept list (the query last)."""
 
-    def __init__(self, n_init: int, n_local: int, top_k: int, theta: float | None):
-        self.n_init, self.n_local, self.top_k, self.theta = n_init, n_local, top_k, theta
+    def __init__(self, n_init: int, n_local: int, top_k: int, theta: float | None, rotary=None):
+        self.n_init, self.n_local, self.top_k, self.theta, self.rotary = n_init, n_local, top_k, theta, rotary
         self.stored, self.lookups, self.hits = {}, 0, 0
+
+    def turn(self, x, positions):
+        """``x`` ``[1, H, n, D]`` rotated by ``positions`` ``[n]`` with the model's own embedding."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cos, sin = self.rotary(x, positions[None])
+        return apply_rotary_pos_emb(x, x, cos, sin)[0]
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -59,24 +68,37 @@ class _MaskedTokenSelectReference:
             self.stored[layer] = (flat, selected)
         keep = fixed.clone()
         keep[selected] |= ~fixed[selected]
+        if self.rotary is not None:
+            kept = keep.nonzero()[:, 0]
+            n = torch.arange(len(kept))
+            k = self.turn(self.turn(key[:, :, kept], -kept), n).repeat_interleave(group, 1)
+            q = self.turn(self.turn(query, torch.tensor([1 - s])), n[-1:])
+            scores = (q @ k.transpose(-1, -2)) * scaling
+            return (scores.softmax(-1) @ v[:, :, kept]).transpose(1, 2).contiguous(), None
         scores = scores.masked_fill(~keep, float("-inf"))
         return (scores.softmax(-1) @ v).transpose(1, 2).contiguous(), None
 
 
-@pytest.mark.parametrize("theta", [None, 0.3], ids=["no-selection-cache", "selection-cache"])
-def test_logits_equal_a_masked_attention_reference_step_by_step(theta):
+@pytest.mark.parametrize("theta,positions", [(None, "original"), (0.3, "original"), (None, "contiguous")],
+                         ids=["no-selection-cache", "selection-cache", "contiguous-positions"])
+def test_logits_equal_a_masked_attention_reference_step_by_step(theta, positions):
+    """Contiguous positions run on a model whose positions (max_position_embeddings 40) the context
+    outgrows, as the paper's length-extrapolation claim has it; the reference builds them its own way,
+    so the original-position run differs from it by 0.08 in log-probability."""
     model = tokenpass.tiny("qwen2")
+    model.config.max_position_embeddings = 40
     context, steps = 48, 14
     ids = torch.randint(3, 300, (1, context + steps), generator=torch.Generator().manual_seed(4))
-    spec = f"tokenselect:top_k=6:n_init=2:n_local=5:theta={theta}"
+    spec = f"tokenselect:top_k=6:n_init=2:n_local=5:theta={theta}:positions={positions}"
     optimized = tokenpass.optimize(model, passes=[spec])
     session = optimized.session(1, capacity=context + steps)
-    positions = positions_from_mask(torch.ones_like(ids[:, :context]))
-    got = [session.step(ids[:, :context], torch.ones_like(ids[:, :context]), positions)[0, -1].log_softmax(-1)]
+    prompt_positions = positions_from_mask(torch.ones_like(ids[:, :context]))
+    got = [session.step(ids[:, :context], torch.ones_like(ids[:, :context]), prompt_positions)[0, -1].log_softmax(-1)]
     for i in range(steps - 1):
         logits = session.step(ids[:, context + i : context + i + 1], torch.ones(1, 1), torch.tensor([[context + i]]))
         got.append(logits[0, -1].log_softmax(-1))
-    reference = _MaskedTokenSelectReference(2, 5, 6, theta)
+    rotary = model.model.rotary_emb if positions == "contiguous" else None
+    reference = _MaskedTokenSelectReference(2, 5, 6, theta, rotary)
     want = hf_reference_logprobs(model, ids, context, steps, "tokenselect_reference", reference)
     got = torch.stack(got)
     dense = teacher_forced(tokenpass.optimize(model), ids[:, :context], ids[0, context:], "dense").logprobs
@@ -87,10 +109,26 @@ def test_logits_equal_a_masked_attention_reference_step_by_step(theta):
     assert (reference.hits > 0) == (theta is not None)
 
 
-def test_a_ragged_left_padded_batch_gives_each_row_what_it_gives_alone():
+@pytest.mark.parametrize("positions", ["original", "contiguous"])
+def test_a_ragged_left_padded_batch_gives_each_row_what_it_gives_alone(positions):
     model = tokenpass.tiny("llama")
-    optimized = tokenpass.optimize(model, passes=["tokenselect:top_k=6:n_init=2:n_local=5:theta=0.5"])
+    optimized = tokenpass.optimize(model, [f"tokenselect:top_k=6:n_init=2:n_local=5:theta=0.5:positions={positions}"])
+    layers = model.config.num_hidden_layers
+    assert report(optimized).counts == {"selecting_layers": layers} | (
+        {"repositioned_layers": layers} if positions == "contiguous" else {})
     assert_ragged_rows_equal_alone(optimized)
+
+
+@pytest.mark.parametrize("model,lower,reason", [
+    ("gpt2", True, "layer 0 attention .*: rotary keys .* is not the sum x \\* cos \\+ rotate_half"),
+    ("llama", False, "positions='contiguous' re-rotates keys by the positions the runtime's cache keeps"),
+], ids=["learned-positions", "explicit-cache"])
+def test_contiguous_positions_are_refused_with_their_reason(model, lower, reason):
+    """Negative: no rotary embedding to move keys with (gpt2's learned positions), or no runtime cache."""
+    passes = [TokenSelect(theta=None, positions="contiguous")]
+    with pytest.raises(PassError, match=f"could not apply: .*{reason}"):
+        tokenpass.optimize(tokenpass.tiny(model), passes if lower else ["canonicalize_attention", *passes],
+                           lower=lower)
 
 
 def test_second_application_is_a_no_op_and_prefill_is_untouched():
@@ -103,6 +141,7 @@ def test_second_application_is_a_no_op_and_prefill_is_untouched():
 @pytest.mark.parametrize("options,message", [
     (dict(top_k=0), "top_k must be"), (dict(n_init=-1), "n_init must be"), (dict(n_local=0), "n_local must be"),
     (dict(theta=1.5), r"theta must be in \[0, 1\]"), (dict(theta=-0.1), r"theta must be in \[0, 1\]"),
+    (dict(positions="absolute"), "positions.*one of 'original', 'contiguous'"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(PassError, match=message):

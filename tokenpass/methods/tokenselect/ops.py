@@ -2,6 +2,8 @@
 
 One op per full-attention layer; it scores the cache, selects and attends in the runtime (its
 selection is its own: unlike TidalDecode, no layer reads another layer's choice, so no slots edge).
+``inv_freq`` and ``rot_dim`` (from ``ir.rotary``) are given for contiguous positions: the keys read are
+rotated again so that they sit at consecutive positions ending at the query's.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ LOOKUPS, HITS = "tokenselect.lookups", "tokenselect.hits"  # cache notes: select
 torch.library.define(
     TOKEN_SELECT_ATTENTION,
     "(Tensor query, Tensor key_new, Tensor value_new, float scale, int layer, int n_init, int n_local, int top_k, "
-    "float theta, float? softcap=None) -> Tensor",
+    "float theta, float? softcap=None, Tensor? inv_freq=None, int rot_dim=0) -> Tensor",
 )
 
 
 @torch.library.register_fake(TOKEN_SELECT_ATTENTION)
 def _token_select_attention_fake(query, key_new, value_new, scale, layer, n_init, n_local, top_k, theta,
-                                 softcap=None):
+                                 softcap=None, inv_freq=None, rot_dim=0):
     return query.new_empty((*query.shape[:-1], value_new.shape[-1]))
 
 

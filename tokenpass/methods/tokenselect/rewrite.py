@@ -21,18 +21,29 @@ which reads ``cat(past, new)`` keys/values and the model's mask (``passes/explic
 
     out_l = tokenpass.explicit_token_select_attention(q_l, cat(past_k_l, k_l), cat(past_v_l, v_l), mask, ...)
 
-Sliding-window layers stay windowed-dense (a window already bounds what they read). Keys keep their
-original positions; the paper's contiguous re-positioning (its length-extrapolation claim) is not built.
+Sliding-window layers stay windowed-dense (a window already bounds what they read).
+
+Positions: ``positions="original"`` (default) keeps every key at the position it was written at.
+``positions="contiguous"`` is the paper's convention: the keys a step reads are rotated again to
+consecutive positions ending at the query's, so no distance exceeds ``n_init + top_k + n_local`` (its
+length-extrapolation claim). The rotation's frequencies are read from the graph (``ir.rotary``), so
+it needs rotary keys and the runtime cache; the vote still scores keys at their original positions::
+
+    out_l = tokenpass.token_select_attention(q_l, k_l, v_l, scale, l, n_init, n_local, top_k, theta,
+                                             softcap, inv_freq, rot_dim)
+
 Defaults are scaled to a small model: n_init 4, n_local 128, top_k 512.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from tokenpass.errors import PassError
 from tokenpass.ir.graph import TokenGraph
+from tokenpass.ir.rotary import Rotary, key_rotary
+from tokenpass.ir.sites import AttentionSite
 from tokenpass.methods.tokenselect.explicit_ops import explicit_token_select_op
 from tokenpass.methods.tokenselect.ops import token_select_attention_op
 from tokenpass.passes.base import Miss, Pass, PassResult
@@ -57,6 +68,7 @@ class TokenSelect(Pass):
     n_init: int = 4
     n_local: int = 128
     theta: float | None = 0.9
+    positions: Literal["original", "contiguous"] = "original"
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -81,6 +93,7 @@ class TokenSelect(Pass):
                                   "theta=None")]
         if not sites:
             result.misses = [Miss(graph.label, "attention sites", "the graph has no attention to select keys for")]
+        rotations = {} if result.misses else self._rotations(graph, sites, form, result)
         if result.misses:
             result.applicable = False
             return result
@@ -98,12 +111,30 @@ class TokenSelect(Pass):
             else:
                 op, args = token_select_attention_op, (*inputs, site.scale, site.layer, self.n_init, self.n_local,
                                                        self.top_k, theta, site.softcap)
+                if site.node in rotations:
+                    rotary = rotations[site.node]
+                    args = (*args, graph.node(rotary.inv_freq), rotary.rot_dim)
+                    result.counts["repositioned_layers"] += 1
             result.replaced[node.name] = replace_node(graph, node, op, args, self.name).name
             result.counts["selecting_layers"] += 1
         if form == EXPLICIT and result.replaced:  # the runtime cache is the usual case; say when it is not
             result.counts["explicit_cache"] = 1
         result.modified = bool(result.replaced)
         return result
+
+    def _rotations(self, graph: TokenGraph, sites: list[AttentionSite], form: str,
+                   result: PassResult) -> dict[str, Rotary]:
+        """Each selecting site's key rotation when positions are contiguous; misses name what is lacking."""
+        if self.positions == "original":
+            return {}
+        if form == EXPLICIT:
+            result.misses = [Miss(graph.label, "the runtime KV cache", "positions='contiguous' re-rotates keys by "
+                                  "the positions the runtime's cache keeps; lower the graph (lower=True)")]
+            return {}
+        found = {site.node: key_rotary(graph.node(site.key)) for site in sites if not site.window}
+        result.misses = [Miss(s.label, "rotary keys (positions='contiguous')", found[s.node]) for s in sites
+                         if isinstance(found.get(s.node), str)]
+        return {node: rotary for node, rotary in found.items() if isinstance(rotary, Rotary)}
 
     def ensures(self, graph: TokenGraph) -> list[Miss]:
         if any(graph.node(s.node).target in SELECTING_OPS for s in graph.sites().attention):

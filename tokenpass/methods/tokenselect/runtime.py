@@ -6,6 +6,8 @@ are always read; of the slots between, the ``top_k`` with the highest soft vote 
 selection cache keeps, per layer, the query that made the last selection and that selection; while a
 row's new query has cosine similarity >= ``theta`` with it, the row reuses it and nothing is scored
 (the local window still moves with the sequence). Dense when the three parts cover every live token.
+With ``rot_dim`` (contiguous positions) the keys read are re-rotated to consecutive positions
+(``reposition.py``).
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import torch
 
 from tokenpass.kernels.token_select_ref import soft_vote
 from tokenpass.methods.tokenselect.ops import HITS, LOOKUPS, SELECTION_CACHE, TOKEN_SELECT_ATTENTION
+from tokenpass.methods.tokenselect.reposition import attend_repositioned
 from tokenpass.runtime.context import active_cache
 from tokenpass.runtime.kv_cache import KVCache
 from tokenpass.runtime.ops import attend_cache, attend_slots, count_read, staged
 
 
 @torch.library.impl(TOKEN_SELECT_ATTENTION, "CompositeExplicitAutograd")
-def token_select_attention(query, key_new, value_new, scale, layer, n_init, n_local, top_k, theta, softcap=None):
+def token_select_attention(query, key_new, value_new, scale, layer, n_init, n_local, top_k, theta, softcap=None,
+                           inv_freq=None, rot_dim=0):
     cache = active_cache()
     keys, values, valid = staged(layer, key_new, value_new)
     live = keys.shape[2] if valid is None else int(valid.sum(-1).max())
@@ -28,8 +32,9 @@ def token_select_attention(query, key_new, value_new, scale, layer, n_init, n_lo
         count_read(keys, values)
         return attend_cache(query, keys, values, valid, scale, softcap).contiguous()
     positions = cache.layers[layer].positions[:, 0, : keys.shape[2]]  # [B, S]: every head holds every token
+    moved = (inv_freq, rot_dim) if rot_dim else None
     if valid is None and not query.is_cuda and _slots_are_positions(positions):  # CUDA: one vote kernel pass
-        return _contiguous(cache, layer, query, keys, values, scale, n_init, n_local, top_k, theta, softcap)
+        return _contiguous(cache, layer, query, keys, values, scale, n_init, n_local, top_k, theta, softcap, moved)
     live_slots = torch.ones_like(positions, dtype=torch.bool) if valid is None else valid[:, 0]
     last = cache.step_positions[:, -1:]  # [B, 1]
     fixed = live_slots & ((positions < n_init) | (positions > last - n_local))
@@ -38,6 +43,9 @@ def token_select_attention(query, key_new, value_new, scale, layer, n_init, n_lo
     chosen = fixed | torch.zeros_like(fixed).scatter_(1, selected, candidates.gather(1, selected))
     count = n_init + top_k + n_local - 1  # past slots read (the own token comes on top)
     slots = chosen[:, :-1].float().topk(min(count, keys.shape[2] - 1), dim=-1).indices  # chosen ones first
+    if moved:
+        return attend_repositioned(query, keys, values, chosen, slots, positions, last[:, 0], *moved, scale,
+                                   softcap).contiguous()
     heads = keys.shape[1]
     read_valid = chosen[:, None, :].expand(-1, heads, -1)  # extras picked past a short row's choice: masked
     if valid is not None:
@@ -54,7 +62,7 @@ def _slots_are_positions(positions: torch.Tensor) -> bool:
 
 
 def _contiguous(cache: KVCache, layer: int, query, keys, values, scale: float, n_init: int, n_local: int, top_k: int,
-                theta: float, softcap) -> torch.Tensor:
+                theta: float, softcap, moved: tuple[torch.Tensor, int] | None) -> torch.Tensor:
     """The selection where every slot is live and slots are positions: the candidates are the slots
     between the first ``n_init`` and the last ``n_local``, so the vote reads that slice of K with no mask
     and the slots read are the three parts concatenated: no masks, no second top-k to find what was
@@ -65,6 +73,10 @@ def _contiguous(cache: KVCache, layer: int, query, keys, values, scale: float, n
     batch = keys.shape[0]
     slots = torch.cat([torch.arange(n_init, device=keys.device).expand(batch, -1), selected,
                        torch.arange(s - n_local, s - 1, device=keys.device).expand(batch, -1)], dim=1)
+    if moved:
+        positions = torch.arange(s, device=keys.device).expand(batch, -1)
+        return attend_repositioned(query, keys, values, None, slots, positions, positions[:, -1], *moved, scale,
+                                   softcap).contiguous()
     out = attend_slots(query, keys, values, None, slots[:, None, :].expand(-1, keys.shape[1], -1), scale, softcap)
     return out.contiguous()
 
