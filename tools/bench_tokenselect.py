@@ -1,6 +1,7 @@
 """TokenSelect on SmolLM2: quality at a long context, the selection cache's hit rate, and attention time.
 
     python tools/bench_tokenselect.py quality [--context 4096] [--continuation 256] [--thetas none,0.9]
+                                              [--positions original,contiguous]
     python tools/bench_tokenselect.py attention [--context 8000] [--tokens 16] [--thetas none,0.9]
 
 Quality follows the ``tokenpass bench`` protocol (teacher-forced continuation of the default corpus,
@@ -8,7 +9,9 @@ against the dense runtime) and adds the selection cache's hit rate over those de
 time is what the profiler charges to each step's attention ops (``cached_attention`` for dense,
 ``token_select_attention`` for TokenSelect: scoring, selection and the sparse read included), summed
 over the layers, per decode step, after one prefill per configuration; the rest of the step is the same
-in both.
+in both. Quality also reports each configuration's own perplexity, which is what a context longer
+than the model's positions (8192 for SmolLM2) puts to the test: there dense attention meets distances
+it was never trained on, and ``positions=contiguous`` never does.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from tokenpass.texts import read_text, token_ids
 ATTENTION_OPS = ("tokenpass::cached_attention", "tokenpass::token_select_attention")
 
 
-def _spec(theta: str, top_k: int) -> str:
-    return f"tokenselect:top_k={top_k}:theta={theta}"
+def _spec(theta: str, top_k: int, positions: str = "original") -> str:
+    return f"tokenselect:top_k={top_k}:theta={theta}:positions={positions}"
 
 
 def _forced(optimized, prompt: torch.Tensor, cont: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -49,22 +52,26 @@ def _forced(optimized, prompt: torch.Tensor, cont: torch.Tensor) -> tuple[torch.
 
 
 def quality(args) -> dict:
-    ids = torch.tensor(token_ids(load_tokenizer(), read_text(), args.context + args.continuation))
-    prompt, cont = ids[: args.context].view(1, -1), ids[args.context :]
+    ids = torch.tensor(token_ids(load_tokenizer(), read_text(), args.start + args.context + args.continuation))
+    prompt, cont = ids[args.start : args.start + args.context].view(1, -1), ids[args.start + args.context :]
     captured = capture(tokenpass.load("smollm2"))
     dense, _ = _forced(optimize_graphs(fork(captured), []), prompt, cont)
+    base = -dense.gather(1, cont[:, None]).mean().item()
+    print(json.dumps({"dense_ppl": math.exp(base)}), file=sys.stderr, flush=True)
     rows = []
-    for theta in args.thetas:
-        logprobs, notes = _forced(optimize_graphs(fork(captured), [_spec(theta, args.top_k)]), prompt, cont)
+    for theta, positions in [(t, p) for p in args.positions for t in args.thetas]:
+        spec = _spec(theta, args.top_k, positions)
+        logprobs, notes = _forced(optimize_graphs(fork(captured), [spec]), prompt, cont)
         nll = -logprobs.gather(1, cont[:, None]).mean().item()
-        base = -dense.gather(1, cont[:, None]).mean().item()
         kl = torch.nn.functional.kl_div(logprobs, dense, log_target=True, reduction="batchmean").item()
-        row = {"theta": theta, "top_k": args.top_k, "ppl_ratio": math.exp(nll - base),
+        row = {"theta": theta, "positions": positions, "top_k": args.top_k, "ppl": math.exp(nll),
+               "ppl_ratio": math.exp(nll - base),
                "top1_agreement": (logprobs.argmax(1) == dense.argmax(1)).float().mean().item(), "kl": kl,
                "selection_cache_hit_rate": notes.get(HITS, 0) / max(1, notes.get(LOOKUPS, 0))}
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
-    return {"context": args.context, "continuation": args.continuation, "rows": rows}
+    return {"context": args.context, "start": args.start, "continuation": args.continuation,
+            "dense_ppl": math.exp(base), "rows": rows}
 
 
 def _attention_ms(session, ids: torch.Tensor, start: int, tokens: int) -> float:
@@ -108,9 +115,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["quality", "attention"])
     parser.add_argument("--thetas", type=lambda s: s.split(","), default=["none", "0.9"])
+    parser.add_argument("--positions", type=lambda s: s.split(","), default=["original"],
+                        help="quality: TokenSelect's position conventions to run (original, contiguous)")
     parser.add_argument("--top-k", type=int, default=512)
     parser.add_argument("--context", type=int, default=None, help="quality: 4096, attention: 8000")
     parser.add_argument("--continuation", type=int, default=256)
+    parser.add_argument("--start", type=int, default=0,
+                        help="quality: the corpus token the prompt starts at (the same continuation, a shorter context)")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
