@@ -9,7 +9,9 @@ against the dense runtime) and adds the selection cache's hit rate over those de
 time is what the profiler charges to each step's attention ops (``cached_attention`` for dense,
 ``token_select_attention`` for TokenSelect: scoring, selection and the sparse read included), summed
 over the layers, per decode step, after one prefill per configuration; the rest of the step is the same
-in both. Quality also reports each configuration's own perplexity, which is what a context longer
+in both. Attention mode also times whole decode steps by the wall clock, without the profiler, interleaved with
+the profiled ones: the rest of the step being the same, a step shorter than dense's means attention
+cheaper than dense's, with no profiler cost in the comparison. Quality also reports each configuration's own perplexity, which is what a context longer
 than the model's positions (8192 for SmolLM2) puts to the test: there dense attention meets distances
 it was never trained on, and ``positions=contiguous`` never does.
 """
@@ -21,6 +23,7 @@ import json
 import math
 import statistics
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -84,12 +87,22 @@ def _attention_ms(session, ids: torch.Tensor, start: int, tokens: int) -> float:
     return total_us / 1000 / tokens
 
 
+def _step_ms(session, ids: torch.Tensor, start: int, tokens: int) -> float:
+    """Wall milliseconds per decode step, no profiler (its per-op cost weighs on ops with many children)."""
+    one = torch.ones((1, 1), dtype=torch.long)
+    with torch.no_grad():
+        began = time.perf_counter()
+        for i in range(start, start + tokens):
+            session.step(ids[:, i : i + 1], one, torch.full((1, 1), i))
+    return (time.perf_counter() - began) * 1000 / tokens
+
+
 def attention(args) -> dict:
     captured = capture(tokenpass.load("smollm2"))
     configs = {"dense": optimize_graphs(fork(captured), [])}
     for theta in args.thetas:
         configs[_spec(theta, args.top_k)] = optimize_graphs(fork(captured), [_spec(theta, args.top_k)])
-    ids = torch.randint(3, 40000, (1, args.context + args.tokens * args.rounds),
+    ids = torch.randint(3, 40000, (1, args.context + 2 * args.tokens * args.rounds),
                         generator=torch.Generator().manual_seed(0))
     sessions = {}
     for name, optimized in configs.items():
@@ -98,14 +111,18 @@ def attention(args) -> dict:
             sessions[name].step(ids[:, : args.context], torch.ones_like(ids[:, : args.context]),
                                 torch.arange(args.context)[None], last_only=True)
     times: dict[str, list[float]] = {name: [] for name in configs}
+    steps: dict[str, list[float]] = {name: [] for name in configs}
     for round_ in range(args.rounds):
         for name, session in sessions.items():
-            times[name].append(_attention_ms(session, ids, args.context + round_ * args.tokens, args.tokens))
-            print(json.dumps({"round": round_, "config": name, "attention_ms_per_step": times[name][-1]}),
-                  file=sys.stderr, flush=True)
-    dense = statistics.median(times["dense"])
+            start = args.context + 2 * round_ * args.tokens
+            steps[name].append(_step_ms(session, ids, start, args.tokens))
+            times[name].append(_attention_ms(session, ids, start + args.tokens, args.tokens))
+            print(json.dumps({"round": round_, "config": name, "step_ms": steps[name][-1],
+                              "attention_ms_per_step": times[name][-1]}), file=sys.stderr, flush=True)
+    dense, dense_step = statistics.median(times["dense"]), statistics.median(steps["dense"])
     rows = [{"config": name, "attention_ms_per_step": statistics.median(t),
-             "vs_dense": statistics.median(t) / dense,
+             "vs_dense": statistics.median(t) / dense, "step_ms": statistics.median(steps[name]),
+             "step_minus_dense_ms": statistics.median(steps[name]) - dense_step,
              "hit_rate": sessions[name].cache.notes.get(HITS, 0) / max(1, sessions[name].cache.notes.get(LOOKUPS, 0))}
             for name, t in times.items()]
     return {"context": args.context, "tokens": args.tokens, "rows": rows}

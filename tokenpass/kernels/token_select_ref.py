@@ -22,8 +22,8 @@ def soft_vote(query: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor 
     """``candidates`` None: every slot is one (no mask to apply, no empty row to fix)."""
     b, hq, _, d = query.shape
     hkv = keys.shape[1]
-    q = query.reshape(b, hkv, hq // hkv, d).float()
-    scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)) * scale, softcap)  # [B, Hkv, G, S]
+    q = query.reshape(b, hkv, hq // hkv, d).float() * scale  # scaled before the product: no pass over the scores
+    scores = soft_cap(torch.matmul(q, keys.float().transpose(-1, -2)), softcap)  # [B, Hkv, G, S]
     if candidates is None:
         return scores.softmax(-1).sum((1, 2))
     scores = scores.masked_fill(~candidates[:, None, None, :], float("-inf"))

@@ -16,6 +16,7 @@ import torch
 
 from tokenpass.kernels.token_select_ref import soft_vote
 from tokenpass.methods.tokenselect.ops import HITS, LOOKUPS, SELECTION_CACHE, TOKEN_SELECT_ATTENTION
+from tokenpass.methods.tokenselect.one_sequence import has_row_layout, one_sequence_attention
 from tokenpass.methods.tokenselect.reposition import attend_repositioned
 from tokenpass.runtime.context import active_cache
 from tokenpass.runtime.kv_cache import KVCache
@@ -58,6 +59,8 @@ def _slots_are_positions(positions: torch.Tensor) -> bool:
     """Slot ``j`` holds position ``j`` in every row (no padding, no eviction, positions from 0): the
     initial, candidate and local slots are then three ranges of slots."""
     last = positions.shape[1] - 1
+    if positions.shape[0] == 1:  # two scalar reads, no comparison ops
+        return positions[0, 0].item() == 0 and positions[0, -1].item() == last
     return bool(((positions[:, 0] == 0) & (positions[:, -1] == last)).all())
 
 
@@ -71,6 +74,8 @@ def _contiguous(cache: KVCache, layer: int, query, keys, values, scale: float, n
     selected = _selection(cache, layer, query, keys[:, :, n_init : s - n_local], None, scale, top_k, theta, softcap,
                           offset=n_init)
     batch = keys.shape[0]
+    if batch == 1 and softcap is None and not moved and has_row_layout(keys, values):
+        return one_sequence_attention(cache.notes, query, keys, values, selected[0], n_init, n_local, scale)
     slots = torch.cat([torch.arange(n_init, device=keys.device).expand(batch, -1), selected,
                        torch.arange(s - n_local, s - 1, device=keys.device).expand(batch, -1)], dim=1)
     if moved:
@@ -86,6 +91,10 @@ def _selection(cache: KVCache, layer: int, query, keys, candidates, scale: float
     """The ``top_k`` candidate slots by soft vote, ``[B, top_k]`` (slot indices: ``offset`` plus the index
     into ``keys``; ``candidates`` None: every slot of ``keys``); rows whose query is close to the one
     that made the layer's last selection reuse that selection (counted in the cache's notes)."""
+    if theta > 1:  # the selection cache is off: count the lookups, keep nothing
+        cache.notes[LOOKUPS] = int(cache.notes.get(LOOKUPS, 0)) + query.shape[0]
+        cache.notes.setdefault(HITS, 0)
+        return _top_votes(query, keys, candidates, scale, top_k, softcap) + offset
     flat = query.reshape(query.shape[0], -1).float()
     stored = cache.notes.setdefault(SELECTION_CACHE, {}).get(layer)
     hit = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
@@ -95,6 +104,16 @@ def _selection(cache: KVCache, layer: int, query, keys, candidates, scale: float
     cache.notes[HITS] = int(cache.notes.get(HITS, 0)) + int(hit.sum())
     if bool(hit.all()):
         return stored[1]
+    fresh = _top_votes(query, keys, candidates, scale, top_k, softcap) + offset
+    if stored is not None and bool(hit.any()):
+        fresh = torch.where(hit[:, None], stored[1], fresh)
+        flat = torch.where(hit[:, None], stored[0], flat)
+    cache.notes[SELECTION_CACHE][layer] = (flat, fresh)
+    return fresh
+
+
+def _top_votes(query, keys, candidates, scale: float, top_k: int, softcap) -> torch.Tensor:
+    """The ``top_k`` slots of ``keys`` by soft vote, ``[B, top_k]``, unsorted."""
     count_read(keys)
     if query.is_cuda:  # the Triton vote: one pass over K, no values
         from tokenpass.kernels.token_select_vote import soft_vote_kernel
@@ -104,9 +123,4 @@ def _selection(cache: KVCache, layer: int, query, keys, candidates, scale: float
         votes = soft_vote(query, keys, candidates, scale, softcap)
     if candidates is not None:
         votes = votes.masked_fill(~candidates, float("-inf"))
-    fresh = votes.topk(min(top_k, votes.shape[-1]), dim=-1, sorted=False).indices + offset
-    if stored is not None and bool(hit.any()):
-        fresh = torch.where(hit[:, None], stored[1], fresh)
-        flat = torch.where(hit[:, None], stored[0], flat)
-    cache.notes[SELECTION_CACHE][layer] = (flat, fresh)
-    return fresh
+    return votes.topk(min(top_k, votes.shape[-1]), dim=-1, sorted=False).indices
