@@ -197,6 +197,13 @@ def test_noise_depends_only_on_positions_and_scores_sum_to_the_query_count():
     assert not torch.equal(a, gumbel_noise(1, 3, positions[None, 6:], positions.expand(1, 2, 10), 4))
     assert abs(float(gumbel_noise(0, 0, positions[None], torch.arange(4096).expand(1, 1, 4096), 1).mean())
                - 0.5772) < 0.02  # Gumbel(0, 1) has mean Euler's gamma
+    one = gumbel_noise(0, 3, positions[None, 9:], positions.expand(1, 2, 10), 4)  # a decode step: its own path
+    assert torch.equal(one, gumbel_noise(0, 3, positions[None, 9:], positions.expand(1, 2, 10).roll(3, -1), 4)
+                       .roll(-3, -1))
+    keys = torch.arange(20000).expand(1, 2, -1)
+    steps = torch.stack([gumbel_noise(0, 3, torch.tensor([[p]]), keys, 4) for p in (20000, 20001)])
+    assert abs(float(steps.mean()) - 0.5772) < 0.02 and abs(float(steps.std()) - 1.2825) < 0.02  # pi / sqrt(6)
+    assert torch.corrcoef(steps.reshape(8, -1)).triu(1).abs().max() < 0.03  # heads and steps draw apart
     q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 10, 8)
     _, contribution = scored_attention_reference(q, k, k, None, 0.3, noise=True, tau=1.5,
                                                  query_positions=positions[None, 7:],

@@ -8,7 +8,8 @@ this reference computes the scores ``x = q . k * scale`` once and derives both t
 
 ``g`` is Gumbel noise (Keyformer's regularisation; ``noise=False`` for H2O or a noise-free Keyformer).
 It is a function of (seed, layer, query head, query position, key position) only: a hash per pair for
-a prefill's many queries, a generator seeded by the query's position for a decode step. A row's noise
+a prefill's many queries; for a decode step, a window of a fixed table of Gumbel draws at an offset
+hashed from the query, one entry per key position. A row's noise
 then does not depend on the other rows of the batch, on its left padding or on where its slots sit in
 the cache, so a batch gives each row what it gets alone.
 
@@ -26,6 +27,8 @@ from tokenpass.kernels.cache_attention_ref import check_softcap, soft_cap
 
 QUERY_CHUNK = 256  # prefill queries scored at once: bounds the [B, Hq, chunk, S] score buffer
 _MASK32 = 0xFFFFFFFF
+_TABLE_SIZE = 1 << 20  # decode noise: Gumbel draws read at hashed offsets (a power of two: the index is masked)
+_TABLES: dict[str, torch.Tensor] = {}
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -76,22 +79,41 @@ def gumbel_noise(seed: int, layer: int, query_positions: torch.Tensor, slot_posi
 
 def _decode_noise(seed: int, layer: int, query_positions: torch.Tensor, slot_positions: torch.Tensor,
                   query_heads: int) -> torch.Tensor:
-    """One query per row: a generator seeded by (seed, layer, the query's position) draws one uniform per
-    query head and key position up to the query's, and each slot reads its key position's. A decode
-    step then costs a few ops per layer instead of a pair hash over every slot, and the noise is still a
-    function of positions only (a row gets the same alone and in any batch, wherever its slots sit)."""
+    """One query per row: each query head reads a window of a fixed table of Gumbel draws, at an offset
+    hashed from (seed, layer, head, the query's position), one entry per key position.
+
+    Within a step every key of a head gets its own draw; across steps a key lands on other entries (the
+    offset moves), so its noise is fresh each step. A decode step then costs one add, one mask and one
+    gather per layer: drawing fresh uniforms for every key position (a generator per row) cost 0.28 ms a
+    layer at 8000 positions, a quarter of a dense layer's attention. The noise is still a function of
+    positions only (a row gets the same alone and in any batch, wherever its slots sit)."""
     b, hkv, s = slot_positions.shape
     group = query_heads // hkv
-    rows = []
-    for row in range(b):
-        position = int(query_positions[row, 0])
-        generator = torch.Generator(device=slot_positions.device)
-        generator.manual_seed(((seed * 1_000_003 + layer) * 1_000_033 + position) & (2**63 - 1))
-        uniform = torch.rand((hkv, group, position + 1), generator=generator, device=slot_positions.device)
-        index = slot_positions[row].clamp(0, position)[:, None, :].expand(hkv, group, s)
-        rows.append(uniform.gather(2, index))
-    uniform = torch.stack(rows).clamp_(min=2.0**-24).unsqueeze(3)  # [B, Hkv, G, 1, S], never 0
-    return uniform.log_().neg_().log_().neg_()
+    offsets = [[_hash32(_hash32(_hash32(seed * 1_000_003 + layer) + head * 0x9E3779B9) + position * 0x85EBCA6B)
+                for head in range(query_heads)] for position in query_positions[:, 0].tolist()]
+    offset = torch.tensor(offsets, device=slot_positions.device).view(b, hkv, group, 1)
+    index = (slot_positions[:, :, None, :] + offset).bitwise_and_(_TABLE_SIZE - 1)  # [B, Hkv, G, S]
+    return _gumbel_table(slot_positions.device).take(index).unsqueeze(3)  # [B, Hkv, G, 1, S]
+
+
+def _hash32(x: int) -> int:
+    """``_mix32`` on a Python int (the per-query offsets: a handful per layer, not worth a tensor op each)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _gumbel_table(device: torch.device) -> torch.Tensor:
+    """``_TABLE_SIZE`` Gumbel(0, 1) draws from a fixed generator, made once per device (4 MB)."""
+    table = _TABLES.get(str(device))
+    if table is None:
+        generator = torch.Generator().manual_seed(0x5EED)
+        uniform = torch.rand(_TABLE_SIZE, generator=generator, dtype=torch.float64).clamp_(min=2.0**-53)
+        table = _TABLES[str(device)] = uniform.log_().neg_().log_().neg_().float().to(device)
+    return table
 
 
 def scored_attention_reference(
