@@ -9,11 +9,13 @@ against the dense runtime) and adds the selection cache's hit rate over those de
 time is what the profiler charges to each step's attention ops (``cached_attention`` for dense,
 ``token_select_attention`` for TokenSelect: scoring, selection and the sparse read included), summed
 over the layers, per decode step, after one prefill per configuration; the rest of the step is the same
-in both. Attention mode also times whole decode steps by the wall clock, without the profiler, interleaved with
-the profiled ones: the rest of the step being the same, a step shorter than dense's means attention
-cheaper than dense's, with no profiler cost in the comparison. Quality also reports each configuration's own perplexity, which is what a context longer
-than the model's positions (8192 for SmolLM2) puts to the test: there dense attention meets distances
-it was never trained on, and ``positions=contiguous`` never does.
+in both. Attention mode also times whole decode steps by the wall clock, without the profiler,
+interleaved with the profiled ones: the rest of the step being the same, a step shorter than dense's
+means attention cheaper than dense's, with no profiler cost in the comparison.
+
+Quality also reports each configuration's own perplexity, which is what a context longer than the
+model's positions (8192 for SmolLM2) puts to the test: there dense attention meets distances it was
+never trained on, and ``positions=contiguous`` never does.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=None, help="quality: 4096, attention: 8000")
     parser.add_argument("--continuation", type=int, default=256)
     parser.add_argument("--start", type=int, default=0,
-                        help="quality: the corpus token the prompt starts at (the same continuation, a shorter context)")
+                        help="quality: the corpus token the prompt starts at (same continuation, shorter context)")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
