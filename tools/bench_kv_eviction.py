@@ -66,7 +66,7 @@ def _prefilled(optimized, ids: torch.Tensor, context: int):
     return session
 
 
-def _decode_seconds(session, ids: torch.Tensor, start: int, tokens: int) -> float:
+def decode_seconds(session, ids: torch.Tensor, start: int, tokens: int) -> float:
     """Seconds to decode ``ids[:, start : start + tokens]`` one token per step on ``session``."""
     one = torch.ones((1, 1), dtype=torch.long)
     with torch.no_grad():
@@ -90,7 +90,7 @@ def speed(args) -> dict:
     times: dict[str, list[float]] = {name: [] for name in configs}
     for round_ in range(args.rounds):
         for name, session in sessions.items():
-            times[name].append(_decode_seconds(session, ids, args.context + round_ * args.tokens, args.tokens))
+            times[name].append(decode_seconds(session, ids, args.context + round_ * args.tokens, args.tokens))
             _emit({"round": round_, "config": name, "decode_s": times[name][-1],
                    "kv_bytes": session.cache.nbytes()})
     dense = statistics.median(times["dense"])

@@ -25,7 +25,6 @@ import json
 import math
 import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -35,6 +34,8 @@ from tokenpass.api import capture, fork, optimize_graphs
 from tokenpass.methods.tokenselect import HITS, LOOKUPS
 from tokenpass.models import load_tokenizer
 from tokenpass.texts import read_text, token_ids
+
+from bench_kv_eviction import decode_seconds  # tools/ is the script's directory: on sys.path
 
 ATTENTION_OPS = ("tokenpass::cached_attention", "tokenpass::token_select_attention")
 
@@ -89,16 +90,6 @@ def _attention_ms(session, ids: torch.Tensor, start: int, tokens: int) -> float:
     return total_us / 1000 / tokens
 
 
-def _step_ms(session, ids: torch.Tensor, start: int, tokens: int) -> float:
-    """Wall milliseconds per decode step, no profiler (its per-op cost weighs on ops with many children)."""
-    one = torch.ones((1, 1), dtype=torch.long)
-    with torch.no_grad():
-        began = time.perf_counter()
-        for i in range(start, start + tokens):
-            session.step(ids[:, i : i + 1], one, torch.full((1, 1), i))
-    return (time.perf_counter() - began) * 1000 / tokens
-
-
 def attention(args) -> dict:
     captured = capture(tokenpass.load("smollm2"))
     configs = {"dense": optimize_graphs(fork(captured), [])}
@@ -117,7 +108,7 @@ def attention(args) -> dict:
     for round_ in range(args.rounds):
         for name, session in sessions.items():
             start = args.context + 2 * round_ * args.tokens
-            steps[name].append(_step_ms(session, ids, start, args.tokens))
+            steps[name].append(decode_seconds(session, ids, start, args.tokens) * 1000 / args.tokens)
             times[name].append(_attention_ms(session, ids, start + args.tokens, args.tokens))
             print(json.dumps({"round": round_, "config": name, "step_ms": steps[name][-1],
                               "attention_ms_per_step": times[name][-1]}), file=sys.stderr, flush=True)
