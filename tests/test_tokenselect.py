@@ -10,7 +10,7 @@ from tokenpass.methods.tokenselect import HITS, LOOKUPS, TokenSelect
 from tokenpass.models import TINY_FAMILIES
 from tokenpass.runtime.generate import positions_from_mask
 
-from conftest import assert_ragged_rows_equal_alone, hf_greedy, hf_reference_logprobs, padded_batch
+from conftest import assert_ragged_rows_equal_alone, hf_greedy, hf_reference_logprobs, hf_tiny, padded_batch
 
 
 def report(optimized, phase: str = "decode"):
@@ -192,3 +192,22 @@ def test_on_explicit_cache_tensors_the_selection_cache_is_refused_with_its_reaso
     """Negative (explicit form): theta reuses selections the runtime keeps between steps."""
     with pytest.raises(PassError, match="could not apply: .*theta=0.5 reuses selections kept in the runtime"):
         tokenpass.optimize(tokenpass.tiny("llama"), ["canonicalize_attention", TokenSelect(theta=0.5)], lower=False)
+
+
+def test_moving_a_rotated_key_equals_rotating_it_at_the_sum_of_positions_partial_rotary_included():
+    """``reposition.rotate`` by ``d`` on keys the model rotated at ``p`` gives the model's own rotation at
+    ``p + d``, on phi3 with half of each head rotated (the other half passes through untouched)."""
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    from tokenpass.methods.tokenselect.reposition import rotate
+
+    rotary = hf_tiny("phi3", partial_rotary_factor=0.5).model.rotary_emb
+    keys = torch.randn(2, 2, 5, 16, generator=torch.Generator().manual_seed(0))
+    at = torch.tensor([[3, 9, 40, 41, 100], [0, 1, 2, 7, 64]])
+    shift = torch.tensor([[5, 0, 17, 2, 1000], [1, 1, 30, 0, 3]])
+
+    def turned(positions):
+        cos, sin = rotary(keys, positions)
+        return apply_rotary_pos_emb(keys, keys, cos, sin)[1]
+
+    torch.testing.assert_close(rotate(turned(at), shift, rotary.inv_freq, 8), turned(at + shift), atol=1e-5, rtol=0)
