@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from tokenpass.ir.sites import tensor_meta
+
 aten = torch.ops.aten
 POSITIONS_INPUT = "position_ids"  # the step's positions (``capture.STEP_ARGS``)
 # Single-tensor ops that carry the cos/sin factor to the multiply without changing which angle it is
@@ -161,8 +163,8 @@ def _placeholders(node: fx.Node) -> list[fx.Node]:
 
 
 def _is_frequency_vector(node: fx.Node, size: int) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.dim() == 1 and val.shape[0] == size and val.is_floating_point()
+    val = tensor_meta(node)
+    return val is not None and val.dim() == 1 and val.shape[0] == size and val.is_floating_point()
 
 
 def _strip(node: fx.Node, ops: set) -> fx.Node:
@@ -172,13 +174,13 @@ def _strip(node: fx.Node, ops: set) -> fx.Node:
 
 
 def _dim(node: fx.Node) -> int:
-    val = node.meta.get("val")
-    return int(val.shape[-1]) if isinstance(val, torch.Tensor) else -1
+    val = tensor_meta(node)
+    return -1 if val is None else int(val.shape[-1])
 
 
 def _last_dim(node: fx.Node, dim: int) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and dim in (-1, val.dim() - 1)
+    val = tensor_meta(node)
+    return val is not None and dim in (-1, val.dim() - 1)
 
 
 def _is_slice(node: fx.Node, start: int, end: int | None = None, of: fx.Node | None = None) -> bool:

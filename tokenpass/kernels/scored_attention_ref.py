@@ -31,9 +31,9 @@ _TABLE_SIZE = 1 << 20  # decode noise: Gumbel draws read at hashed offsets (a po
 _TABLES: dict[str, torch.Tensor] = {}
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values in ``[0, 2**32)``: the small
-    per-query and per-key hashes."""
+def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer finaliser (lowbias32) on int64 tensors (or Python ints) holding values in
+    ``[0, 2**32)``: the small per-query and per-key hashes."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -89,21 +89,13 @@ def _decode_noise(seed: int, layer: int, query_positions: torch.Tensor, slot_pos
     positions only (a row gets the same alone and in any batch, wherever its slots sit)."""
     b, hkv, s = slot_positions.shape
     group = query_heads // hkv
-    offsets = [[_hash32(_hash32(_hash32(seed * 1_000_003 + layer) + head * 0x9E3779B9) + position * 0x85EBCA6B)
+    # ``_mix32`` on Python ints: a handful of offsets per layer, not worth a tensor op each
+    base = _mix32((seed * 1_000_003 + layer) & _MASK32)
+    offsets = [[_mix32((_mix32((base + head * 0x9E3779B9) & _MASK32) + position * 0x85EBCA6B) & _MASK32)
                 for head in range(query_heads)] for position in query_positions[:, 0].tolist()]
     offset = torch.tensor(offsets, device=slot_positions.device).view(b, hkv, group, 1)
     index = (slot_positions[:, :, None, :] + offset).bitwise_and_(_TABLE_SIZE - 1)  # [B, Hkv, G, S]
     return _gumbel_table(slot_positions.device).take(index).unsqueeze(3)  # [B, Hkv, G, 1, S]
-
-
-def _hash32(x: int) -> int:
-    """``_mix32`` on a Python int (the per-query offsets: a handful per layer, not worth a tensor op each)."""
-    x &= _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
 
 
 def _gumbel_table(device: torch.device) -> torch.Tensor:

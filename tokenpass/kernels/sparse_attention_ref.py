@@ -104,7 +104,7 @@ def selection_attention_reference(
     return attend_with_scores(scores, values, query.dtype), slots
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def cache_rows(x: torch.Tensor) -> torch.Tensor:
     """A ``[B, H, S, D]`` cache view (unit last stride) as 2-D rows over the same storage, no copy.
 
     Cache views are slices of larger buffers, so ``reshape`` would copy the whole cache; selecting rows
@@ -135,8 +135,8 @@ def sparse_attention_reference(
     hsel = index.shape[1]
     head = (torch.arange(hsel, device=index.device) // (hsel // hkv))[None, :, None]
     batch = torch.arange(b, device=index.device)[:, None, None]
-    k_sel = _rows(keys).index_select(0, _row_index(keys, batch, head, index)).view(b, hsel, -1, d)
-    v_sel = _rows(values).index_select(0, _row_index(values, batch, head, index)).view(b, hsel, -1, d)
+    k_sel = cache_rows(keys).index_select(0, _row_index(keys, batch, head, index)).view(b, hsel, -1, d)
+    v_sel = cache_rows(values).index_select(0, _row_index(values, batch, head, index)).view(b, hsel, -1, d)
     mask = None
     if valid is not None:
         mask = valid[batch, head, index]  # [B, Hsel, k+1]

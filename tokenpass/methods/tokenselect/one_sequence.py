@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenpass.kernels.sparse_attention_ref import cache_rows
 from tokenpass.runtime.ops import count_read
 
 _RANGE = "tokenselect.range"  # cache note: arange over the cache's slots, sliced instead of rebuilt per layer
@@ -25,7 +26,7 @@ def one_sequence_attention(notes: dict, query: torch.Tensor, keys: torch.Tensor,
     heads, length, dim = keys.shape[1], keys.shape[2], keys.shape[3]
     slots = _slot_range(notes, length)
     index = torch.cat([slots[:n_init], selected, slots[length - n_local :]])
-    rows_k, rows_v = _as_rows(keys), _as_rows(values)
+    rows_k, rows_v = cache_rows(keys), cache_rows(values)
     head_step = keys.stride(1) // dim
     flat = (index + slots[:heads, None] * head_step).view(-1) if heads > 1 else index
     picked_keys = rows_k.index_select(0, flat).view(1, heads, -1, dim)
@@ -43,12 +44,6 @@ def has_row_layout(keys: torch.Tensor, values: torch.Tensor) -> bool:
     dim = keys.shape[-1]
     return keys.shape[0] == 1 and keys.stride()[1:] == values.stride()[1:] and keys.stride(3) == 1 \
         and keys.stride(2) == dim and keys.stride(1) % dim == 0
-
-
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[1, H, S, D]`` cache view as ``[rows, D]`` over the same storage (no copy)."""
-    heads, length, dim = x.shape[1], x.shape[2], x.shape[3]
-    return x.as_strided(((heads - 1) * (x.stride(1) // dim) + length, dim), (dim, 1), x.storage_offset())
 
 
 def _slot_range(notes: dict, length: int) -> torch.Tensor:
