@@ -17,7 +17,7 @@ from tokenpass.kernels.attention_ref import expand_kv_heads
 from tokenpass.kernels.cache_attention_ref import cache_attention_reference, window_valid
 from tokenpass.kernels.sparse_attention_ref import (
     _row_index,
-    _rows,
+    cache_rows,
     decode_scores,
     ranking_scores,
     selection_attention_reference,
@@ -378,8 +378,8 @@ def _legacy_sparse_attention_reference(query, keys, values, valid, slots, scale)
     hsel = index.shape[1]
     head = (torch.arange(hsel, device=index.device) // (hsel // hkv))[None, :, None]
     batch = torch.arange(b, device=index.device)[:, None, None]
-    k_sel = _rows(keys).index_select(0, _row_index(keys, batch, head, index)).view(b, hsel, -1, d)
-    v_sel = _rows(values).index_select(0, _row_index(values, batch, head, index)).view(b, hsel, -1, d)
+    k_sel = cache_rows(keys).index_select(0, _row_index(keys, batch, head, index)).view(b, hsel, -1, d)
+    v_sel = cache_rows(values).index_select(0, _row_index(values, batch, head, index)).view(b, hsel, -1, d)
     mask = None
     if valid is not None:
         mask = valid[batch, head, index]
