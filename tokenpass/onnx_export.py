@@ -10,6 +10,12 @@ batch, token and past axes dynamic and the outputs named ``logits``/``present_ke
     out/decode.onnx     one new token on a past of any length
     out/tokenpass_onnx.json   the cache layout, the passes and what each changed
     out/genai_config.json     onnxruntime-genai's config: the two files as a prompt / token pipeline
+                              (not written when a method's policy must run between steps: genai would not)
+
+A method whose state between steps is more than the standard cache (KV eviction: which slots each head
+keeps) exports its steps on the explicit cache with extra per-layer outputs (``ir/step_outputs.py``)
+and names its policy in the manifest; ``OnnxModel`` runs that policy between steps exactly as the torch
+runtime's explicit session does.
 
 tokenpass's own ops export through their translations (``ir/onnx_translations.py``: standard ONNX ops;
 the canonical attention op has one), each call then outlined into a ``tokenpass``-domain function whose
@@ -47,6 +53,7 @@ from tokenpass.progress import steps as progress
 from tokenpass.runtime.genai_config import write_genai_config
 from tokenpass.runtime.model import OptimizedModel
 from tokenpass.runtime.onnx_session import MANIFEST, OnnxManifest, output_names, phase_file
+from tokenpass.runtime.policy import policy_class
 
 OPSET = 18  # what torch's ONNX library is written in: exported as is, no version conversion
 
@@ -83,8 +90,11 @@ def export_onnx(model: "nn.Module | OptimizedModel", path: str | Path,
 
     def write(staging: Path) -> int | None:
         opset = _write_steps(graphs, staging, check)
-        OnnxManifest.of(optimized.spec, names, opset, pass_changes(optimized.reports)).write(staging)
-        write_genai_config(staging, optimized.spec, token_ids(model))
+        policies = [p for graph in graphs.values() for p in graph.policies]
+        outputs = {phase: list(graph.step_outputs) for phase, graph in graphs.items() if graph.step_outputs}
+        OnnxManifest.of(optimized.spec, names, opset, pass_changes(optimized.reports), policies, outputs).write(staging)
+        if not policies:  # onnxruntime-genai's generator would run the steps without the policies: wrong tokens
+            write_genai_config(staging, optimized.spec, token_ids(model))
         return opset
 
     opset = write_export_directory(target, write)
@@ -190,9 +200,11 @@ def export_pipeline(requested: list[Pass]) -> list[Pass]:
 def check_exportable(graph: TokenGraph) -> None:
     """Refuse an op of tokenpass's own that has no ONNX translation (a method's runtime op, a layer gate),
     naming the node and the pass that made it, and a graph that asks the runtime for per-slot state or a
-    run-time policy (ONNX files carry neither)."""
-    if graph.policies or graph.slot_states:
-        needs = [f"run-time policy '{p.name}'" for p in graph.policies] + \
+    run-time policy on its own cache (ONNX files carry neither; a policy on the explicit cache travels in
+    the manifest and the ONNX runtime runs it)."""
+    runtime_policies = [p for p in graph.policies if not policy_class(p).explicit]
+    if runtime_policies or graph.slot_states:
+        needs = [f"run-time policy '{p.name}'" for p in runtime_policies] + \
                 [f"per-slot cache state '{s.name}'" for s in graph.slot_states]
         raise ExportError(f"{graph.label}: the graph needs the runtime's {needs[0]}, which an ONNX file cannot "
                           "carry; export without the option that adds it")
@@ -223,7 +235,7 @@ def _onnx_program(graph: TokenGraph):
         raise ExportError(f"{graph.label}: torch.onnx.export failed: {type(cause).__name__}: {first}") from None
     finally:
         exporter_log.setLevel(level)
-    _name_outputs(program.model.graph, graph.spec.num_layers)
+    _name_outputs(program.model.graph, graph.spec.num_layers, graph.step_outputs)
     _name_dims(program.model.graph)
     outline_tokenpass_ops(program.model)
     return program
@@ -237,8 +249,8 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _name_outputs(onnx_graph, num_layers: int) -> None:
-    names = output_names(num_layers)
+def _name_outputs(onnx_graph, num_layers: int, groups: list[str]) -> None:
+    names = output_names(num_layers, groups)
     if len(onnx_graph.outputs) != len(names):
         raise ExportError(f"the exported step returns {len(onnx_graph.outputs)} outputs, expected {len(names)}")
     for value, name in zip(onnx_graph.outputs, names):

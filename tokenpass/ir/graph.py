@@ -19,6 +19,7 @@ from tokenpass.ir.capture import ModelSpec
 from tokenpass.ir.op_registry import lookup_attention
 from tokenpass.ir.requests import PolicySpec, SlotState
 from tokenpass.ir.sites import GraphSites, find_sites, op_histogram
+from tokenpass.ir.step_outputs import append_output_group
 from tokenpass.ir.visualize import dataflow
 
 # What every freshly captured or loaded graph guarantees before any pass runs (pass orders are checked
@@ -40,6 +41,8 @@ class TokenGraph:
         # What method passes ask of the runtime, as plain data (see ``ir/requests.py``).
         self.slot_states: list[SlotState] = []
         self.policies: list[PolicySpec] = []
+        # Per-layer output groups returned after the caches, for policies (see ``ir/step_outputs.py``).
+        self.step_outputs: list[str] = []
 
     @property
     def graph(self) -> fx.Graph:
@@ -95,6 +98,14 @@ class TokenGraph:
     def add_policy(self, policy: PolicySpec) -> None:
         """Ask the runtime to run ``policy`` between steps (one policy per name: a new one replaces it)."""
         self.policies = [*[p for p in self.policies if p.name != policy.name], policy]
+
+    def add_output_group(self, group: str, nodes: list[fx.Node]) -> None:
+        """Return ``nodes`` (one per layer) after the step's caches, as ``group`` (a policy reads them)."""
+        if group in self.step_outputs:
+            raise CaptureError(f"{self.label} already returns the output group {group!r}")
+        append_output_group(self.program, nodes)
+        self.step_outputs.append(group)
+        self.mark_changed()
 
     def to_networkx(self):
         """The dataflow as a ``networkx.DiGraph`` (one node per fx node, an edge per use) for analysis."""

@@ -64,10 +64,12 @@ class OptimizedModel(StepModel):
         if not self.lowered:
             if budget is not None:
                 raise TokenpassError("a KV budget needs the runtime cache, and this model's graphs were not lowered")
-            return ExplicitSession(graphs, self.spec, batch)
+            return ExplicitSession(graphs, self.spec, batch, self._policies())
         cache = new_cache(graphs, batch, capacity, budget)
-        policies = build_policies([p for graph in graphs.values() for p in graph.policies])
-        return Session(graphs, cache, policies, self.compiled_steps)
+        return Session(graphs, cache, self._policies(), self.compiled_steps)
+
+    def _policies(self) -> list:
+        return build_policies([p for graph in self.step_graphs.values() for p in graph.policies])
 
     def __call__(
         self,

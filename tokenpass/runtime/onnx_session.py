@@ -15,12 +15,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tokenpass.errors import CaptureError, TokenpassError
 from tokenpass.ir.capture import PHASES, ModelSpec
-from tokenpass.runtime.session import phase_of
+from tokenpass.ir.requests import PolicySpec
+from tokenpass.runtime.policy import Policy, Step, build_policies
+from tokenpass.runtime.session import GraphCache, after_step, check_explicit, phase_of
 from tokenpass.runtime.step_model import StepModel
 
 MANIFEST = "tokenpass_onnx.json"
@@ -32,10 +33,12 @@ def phase_file(phase: str) -> str:
     return f"{phase}.onnx"
 
 
-def output_names(num_layers: int) -> list[str]:
-    """The step's outputs in the order the captured program returns them."""
+def output_names(num_layers: int, groups: list[str] = ()) -> list[str]:
+    """The step's outputs in the order the captured program returns them: logits, the caches, then each
+    extra group's per-layer tensors (``ir/step_outputs.py``) as ``<group>_<layer>``."""
     return (["logits"] + [f"present_keys_{i}" for i in range(num_layers)]
-            + [f"present_values_{i}" for i in range(num_layers)])
+            + [f"present_values_{i}" for i in range(num_layers)]
+            + [f"{group}_{i}" for group in groups for i in range(num_layers)])
 
 
 @dataclass
@@ -47,13 +50,21 @@ class OnnxManifest:
     opset: int | None = None
     format: int = MANIFEST_FORMAT
     changes: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # step -> pass -> counts
+    policies: list[dict] = field(default_factory=list)  # {"name": ..., "options": {...}}: run between steps
+    outputs: dict[str, list[str]] = field(default_factory=dict)  # step -> its extra output groups
 
     @classmethod
     def of(cls, spec: ModelSpec, passes: list[str], opset: int | None,
-           changes: dict[str, dict[str, dict[str, int]]] | None = None) -> "OnnxManifest":
+           changes: dict[str, dict[str, dict[str, int]]] | None = None, policies: list[PolicySpec] = (),
+           outputs: dict[str, list[str]] | None = None) -> "OnnxManifest":
         fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "device"}
         fields.update(dtype=str(spec.dtype).removeprefix("torch."), layer_windows=list(spec.layer_windows))
-        return cls(fields, passes, opset, changes=changes or {})
+        return cls(fields, passes, opset, changes=changes or {},
+                   policies=[{"name": p.name, "options": p.kwargs()} for p in dict.fromkeys(policies)],
+                   outputs=outputs or {})
+
+    def policy_specs(self) -> list[PolicySpec]:
+        return [PolicySpec.of(p["name"], **p["options"]) for p in self.policies]
 
     def model_spec(self) -> ModelSpec:
         """The ``ModelSpec`` the runtime builds caches from (on the CPU, where the numpy arrays live)."""
@@ -72,6 +83,7 @@ class OnnxManifest:
         try:
             manifest = cls(**json.loads(path.read_text()))
             manifest.model_spec()
+            manifest.policy_specs()
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise CaptureError(f"{path} is not a valid tokenpass manifest: {exc}") from None
         if manifest.format != MANIFEST_FORMAT:
@@ -94,38 +106,30 @@ def open_session(path: Path, providers: list[str] | None):
         raise CaptureError(f"onnxruntime cannot load {path}: {first}") from None
 
 
-class OnnxCache:
-    """One batch's past keys and values as the numpy arrays the sessions take and return."""
-
-    def __init__(self, spec: ModelSpec, batch: int):
-        keys, values = spec.empty_cache(batch)
-        self.keys = [k.numpy() for k in keys]
-        self.values = [v.numpy() for v in values]
-        self.mask = np.zeros((batch, 0), dtype=np.int64)
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.keys, *self.values))
-
-
 class OnnxSession:
-    """Steps over onnxruntime sessions; the cache goes out as ``past_*`` and comes back as ``present_*``."""
+    """Steps over onnxruntime sessions; the cache (``GraphCache``, on the CPU: numpy views of its tensors
+    are fed without a copy) goes out as ``past_*`` and comes back as ``present_*``, the extra output
+    groups as the explicit session gets them, and the export's policies run after each step."""
 
-    policies: list = []
-
-    def __init__(self, sessions: dict, spec: ModelSpec, batch: int):
-        self.sessions, self.spec, self.cache = sessions, spec, OnnxCache(spec, batch)
+    def __init__(self, sessions: dict, spec: ModelSpec, batch: int, policies: list[Policy],
+                 outputs: dict[str, list[str]]):
+        self.sessions, self.spec, self.cache = sessions, spec, GraphCache(spec, batch)
+        self.policies, self.outputs = check_explicit(policies), outputs
 
     def step(self, input_ids: torch.Tensor, token_valid: torch.Tensor, position_ids: torch.Tensor,
              last_only: bool = False) -> torch.Tensor:
-        cache, layers = self.cache, self.spec.num_layers
-        mask = np.concatenate([cache.mask, token_valid.long().numpy()], axis=1)
-        feeds = {"input_ids": input_ids.long().numpy(), "attention_mask": mask,
+        cache, layers, phase = self.cache, self.spec.num_layers, phase_of(input_ids)
+        mask = torch.cat([cache.mask, token_valid.long()], dim=1)
+        feeds = {"input_ids": input_ids.long().numpy(), "attention_mask": mask.numpy(),
                  "position_ids": position_ids.long().numpy()}
-        feeds.update({f"past_keys_{i}": k for i, k in enumerate(cache.keys)})
-        feeds.update({f"past_values_{i}": v for i, v in enumerate(cache.values)})
-        logits, *present = self.sessions[phase_of(input_ids)].run(None, feeds)
-        cache.keys, cache.values, cache.mask = present[:layers], present[layers:], mask
-        return torch.from_numpy(logits)
+        feeds.update({f"past_keys_{i}": k.contiguous().numpy() for i, k in enumerate(cache.keys)})
+        feeds.update({f"past_values_{i}": v.contiguous().numpy() for i, v in enumerate(cache.values)})
+        logits, *present = (torch.from_numpy(a) for a in self.sessions[phase].run(None, feeds))
+        groups = self.outputs.get(phase, [])
+        extras = [present[2 * layers + g * layers: 2 * layers + (g + 1) * layers] for g in range(len(groups))]
+        cache.commit(mask, present[:layers], present[layers:2 * layers], groups, extras)
+        after_step(self, Step(phase, input_ids, token_valid, position_ids))
+        return logits
 
 
 class OnnxModel(StepModel):
@@ -143,7 +147,8 @@ class OnnxModel(StepModel):
     def session(self, batch: int, capacity: int = 64, budget: int | None = None) -> OnnxSession:
         if budget is not None:
             raise TokenpassError("a KV budget needs the torch runtime's cache; the ONNX runtime keeps every token")
-        return OnnxSession(self.sessions, self.spec, batch)
+        return OnnxSession(self.sessions, self.spec, batch, build_policies(self.manifest.policy_specs()),
+                           self.manifest.outputs)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:

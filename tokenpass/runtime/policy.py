@@ -33,9 +33,14 @@ class Step:
 
 
 class Policy(ABC):
-    """Subclasses set ``name``, take their options as keyword arguments, and implement ``after_step``."""
+    """Subclasses set ``name``, take their options as keyword arguments, and implement ``after_step``.
+
+    ``explicit``: the policy acts on an explicit cache (``session.GraphCache``: the past/present tensors of
+    graphs that were not lowered, as the ONNX runtime also keeps them) rather than on the runtime's
+    ``KVCache``; such a policy travels with an ONNX export."""
 
     name: ClassVar[str]
+    explicit: ClassVar[bool] = False
 
     @abstractmethod
     def after_step(self, session: "Session", step: Step) -> None:
@@ -53,16 +58,21 @@ def register_policy(cls: P) -> P:
     return cls
 
 
+def policy_class(spec: PolicySpec) -> type[Policy]:
+    if spec.name not in POLICIES:
+        known = ", ".join(sorted(POLICIES)) or "none"
+        raise TokenpassError(f"the graph asks for run-time policy '{spec.name}', which is not registered (known: {known})")
+    return POLICIES[spec.name]
+
+
 def build_policies(specs: Sequence[PolicySpec]) -> list[Policy]:
     """One fresh policy object per distinct spec, for one session (a pass that declares its policy on the
     prefill and the decode graph gets one policy, not two)."""
     policies = []
     for spec in dict.fromkeys(specs):
-        if spec.name not in POLICIES:
-            known = ", ".join(sorted(POLICIES)) or "none"
-            raise TokenpassError(f"the graph asks for run-time policy '{spec.name}', which is not registered (known: {known})")
+        cls = policy_class(spec)
         try:
-            policies.append(POLICIES[spec.name](**spec.kwargs()))
+            policies.append(cls(**spec.kwargs()))
         except TypeError as exc:
             raise TokenpassError(f"run-time policy '{spec.name}': bad options {spec.kwargs()}: {exc}") from None
     return policies
