@@ -16,8 +16,9 @@ from typing import ClassVar, Literal
 
 import torch
 
-from tokenpass.methods.kvevict.budget import recent_counts, row_budgets
+from tokenpass.methods.kvevict.budget import row_budgets
 from tokenpass.methods.kvevict.ops import PROMPT_END, SCORES
+from tokenpass.methods.kvevict.victims import choose_victims
 from tokenpass.runtime.kv_cache import KVCache
 from tokenpass.runtime.policy import Policy, Step, register_policy
 
@@ -56,19 +57,10 @@ class Evict(Policy):
         """Drop each head's lowest-scoring candidates until it holds at most its row's budget."""
         c = cache.layers[layer]
         valid = c.valid[:, :, : c.length]
-        excess = valid.sum(-1) - budgets.to(valid.device)[:, None]  # [B, H]
-        drop = int(excess.max())
-        if drop <= 0:
-            return
         positions = c.positions[:, :, : c.length]
-        recent = recent_counts(budgets, self.recent_ratio).to(valid.device)
-        protected = (positions < self.sinks) | (positions > (last.to(valid.device) - recent)[:, None, None])
-        candidates = valid & ~protected
         rank = (c.states[SCORES][:, :, : c.length] if self.score == "accumulated" else positions.float())
-        rank = rank.masked_fill(~candidates, float("inf"))
-        lowest = rank.topk(min(drop, c.length), dim=-1, largest=False)
-        chosen = (torch.arange(lowest.indices.shape[-1], device=valid.device) < excess[..., None])
-        chosen &= lowest.values.isfinite()
-        victims = torch.zeros_like(valid).scatter_(-1, lowest.indices, chosen)
+        victims = choose_victims(valid, positions, rank, budgets, last, self.sinks, self.recent_ratio)
+        if victims is None:
+            return
         cache.retain(layer, valid & ~victims)
         cache.notes[EVICTED] = int(cache.notes.get(EVICTED, 0)) + int(victims.sum())
