@@ -23,12 +23,13 @@ from tokenpass.errors import TokenpassError
 
 
 def append_output_group(program: torch.export.ExportedProgram, nodes: list[fx.Node]) -> None:
-    """Return ``nodes`` as one more list after the step's outputs (a program with one call signature)."""
+    """Return ``nodes`` as one more list after the step's outputs."""
     graph = program.graph_module.graph
     (out,) = [n for n in graph.nodes if n.op == "output"]
-    if len(program.module_call_graph) != 1 or program.module_call_graph[0].signature is None:
-        raise TokenpassError("only a captured step (one call signature) can gain outputs")
-    signature = program.module_call_graph[0].signature
+    root = [entry for entry in program.module_call_graph if entry.fqn == ""]
+    if not root or root[0].signature is None:
+        raise TokenpassError("only a captured step (a program with its call signature) can gain outputs")
+    signature = root[0].signature
     if signature.out_spec.type is not tuple:
         raise TokenpassError(f"the step returns a {signature.out_spec.type.__name__}, expected a tuple")
     out.args = (tuple(out.args[0]) + tuple(nodes),)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from torch import fx
@@ -26,6 +27,25 @@ def replace_node(graph: TokenGraph, old: fx.Node, target: Any, args: tuple, pass
     old.replace_all_uses_with(new)
     graph.graph.erase_node(old)
     return new
+
+
+def replace_with_pair(graph: TokenGraph, old: fx.Node, target: Any, args: tuple,
+                      pass_name: str) -> tuple[fx.Node, fx.Node]:
+    """Insert ``target(*args)`` (an op returning two tensors) in place of ``old``: ``old``'s users read its
+    first element; the second is returned for the caller to wire (both carry provenance)."""
+    with graph.graph.inserting_before(old):
+        pair = graph.graph.call_function(target, args)
+        first = graph.graph.call_function(operator.getitem, (pair, 0))
+        second = graph.graph.call_function(operator.getitem, (pair, 1))
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in old.meta:
+            pair.meta[key] = old.meta[key]
+    first.meta.update(old.meta)
+    for new in (pair, first, second):
+        new.meta["tokenpass"] = {"pass": pass_name, "replaces": old.name}
+    old.replace_all_uses_with(first)
+    graph.graph.erase_node(old)
+    return first, second
 
 
 def replace_output(graph: TokenGraph, old: fx.Node, new: fx.Node) -> None:

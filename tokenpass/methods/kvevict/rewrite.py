@@ -16,6 +16,15 @@ After (a scoring method)::
     graph.policies += PolicySpec("kvevict", budget=..., recent_ratio=..., sinks=..., score=...)
 
 A method that does not score (StreamingLLM) leaves the graph's ops alone and only declares the policy.
+
+Explicit cache (a graph not lowered, e.g. for ``export_onnx``): attention over ``cat(past, new)`` becomes
+``explicit_scored_attention``, whose scores the step returns as the output group ``kv_scores``; the
+``kvevict.explicit`` policy keeps positions and scores beside the explicit cache and compacts it::
+
+    out_l, s_l = tokenpass.explicit_scored_attention(q_l, cat(past_k_l, k_l), cat(past_v_l, v_l), mask, ...)
+    return (logits, keys, values, [s_0, ..])
+    graph.policies += PolicySpec("kvevict.explicit", budget=..., ..., tau_init=..., seed=...)
+
 Prefill attends fully; the first eviction follows it, then one after every decode step, so the cache
 never holds more than the budget plus the step's own token.
 """
@@ -26,14 +35,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tokenpass.errors import PassError
+from tokenpass.ir.capture import STEP_ARGS
 from tokenpass.ir.graph import TokenGraph
-from tokenpass.ir.ops import cached_attention_op
+from tokenpass.ir.sites import AttentionSite
 from tokenpass.ir.requests import PolicySpec, SlotState
 from tokenpass.methods.kvevict.budget import check_budget, check_ratio
+from tokenpass.methods.kvevict.explicit_ops import explicit_scored_attention_op
+from tokenpass.methods.kvevict.explicit_policy import EXPLICIT_POLICY, SCORES_OUTPUT
 from tokenpass.methods.kvevict.ops import SCORES, scored_attention_op
 from tokenpass.methods.kvevict.policy import POLICY
 from tokenpass.passes.base import Miss, Pass, PassResult
-from tokenpass.passes.rewrite import replace_node
+from tokenpass.passes.explicit_cache import EXPLICIT, cache_form
+from tokenpass.passes.rewrite import replace_node, replace_with_pair
 
 
 @dataclass(repr=True)
@@ -46,7 +59,7 @@ class KVEviction(Pass):
     and spreads eviction's fixed per-layer cost over that many steps."""
 
     exact: ClassVar[bool] = False
-    requires: ClassVar[frozenset[str]] = frozenset({"runtime_kv_cache"})
+    requires: ClassVar[frozenset[str]] = frozenset({"attention_canonical"})
     provides: ClassVar[frozenset[str]] = frozenset({"kv_eviction"})
     phases: ClassVar[tuple[str, ...]] = ("prefill", "decode")
     scores: ClassVar[bool] = True  # rank slots by the scored op's accumulated score (else by position)
@@ -73,17 +86,38 @@ class KVEviction(Pass):
 
     def run(self, graph: TokenGraph) -> PassResult:
         result = PassResult(self.name, graph)
-        if any(policy.name == POLICY for policy in graph.policies):
+        if any(policy.name in (POLICY, EXPLICIT_POLICY) for policy in graph.policies):
             result.counts["already_applied"] = 1
             return result
         sites = graph.sites().attention
-        result.misses = [Miss(s.label, "attention on the runtime cache", f"op is {s.op}; run lower_kv_cache first")
-                         for s in sites if graph.node(s.node).target != cached_attention_op]
+        form, result.misses = cache_form(graph, sites)
         if not sites:
             result.misses = [Miss(graph.label, "attention sites", "the graph has no attention to evict keys from")]
+        if form == EXPLICIT and not result.misses:
+            result.misses = self.explicit_misses(graph, sites)
         if result.misses:  # all or nothing: a layer left unscored would be ranked by a zero score
             result.applicable = False
             return result
+        if form == EXPLICIT:
+            self._rewrite_explicit(graph, sites, result)
+        else:
+            self._rewrite_runtime(graph, sites, result)
+        result.counts["scored_layers" if self.scores else "evicting_layers"] = len(sites)
+        result.modified = True
+        return result
+
+    def explicit_misses(self, graph: TokenGraph, sites: list[AttentionSite]) -> list[Miss]:
+        """Why the explicit cache cannot carry this method (none: it can)."""
+        misses = [Miss(s.label, "a full-attention layer (explicit cache)", f"sliding window of {s.window}: its mask "
+                       "counts slots as positions, which compaction moves; lower the graph (lower=True)")
+                  for s in sites if s.window]
+        if getattr(self, "noise", False):
+            misses.append(Miss(graph.label, "noise-free scoring (explicit cache)", "noise=True draws a prompt's "
+                               "Gumbel noise from each key's position, which the explicit prompt step does not "
+                               "know; pass noise=False or lower the graph (lower=True)"))
+        return misses
+
+    def _rewrite_runtime(self, graph: TokenGraph, sites: list[AttentionSite], result: PassResult) -> None:
         if self.scores:
             for site in sites:
                 node = graph.node(site.node)
@@ -91,13 +125,31 @@ class KVEviction(Pass):
                         site.softcap, site.window or 0, *self.score_options())
                 result.replaced[node.name] = replace_node(graph, node, scored_attention_op, args, self.name).name
             graph.declare_slot_state(SlotState(SCORES, layers=tuple(s.layer for s in sites), dtype="float32"))
-        result.counts["scored_layers" if self.scores else "evicting_layers"] = len(sites)
         graph.add_policy(PolicySpec.of(POLICY, **self.policy_options()))
-        result.modified = True
-        return result
+
+    def _rewrite_explicit(self, graph: TokenGraph, sites: list[AttentionSite], result: PassResult) -> None:
+        """Scored attention over ``cat(past, new)``; its scores become the step's ``kv_scores`` outputs, which
+        the explicit eviction policy accumulates and evicts by (``explicit_policy.py``)."""
+        options = self.policy_options()
+        if self.scores:
+            noise, tau_init, tau_end, tau_horizon, seed = self.score_options()
+            options.update(noise=noise, tau_init=tau_init, tau_end=tau_end, tau_horizon=tau_horizon, seed=seed)
+            token_mask = graph.node(graph.program.graph_signature.user_inputs[STEP_ARGS.index("attention_mask")])
+            scores = []
+            for site in sorted(sites, key=lambda s: s.layer):
+                node = graph.node(site.node)
+                args = (graph.node(site.query), graph.node(site.key), graph.node(site.value),
+                        graph.node(site.mask) if site.mask else None, token_mask, site.scale, site.layer,
+                        site.softcap, graph.phase != "decode", tau_init)
+                out, score = replace_with_pair(graph, node, explicit_scored_attention_op, args, self.name)
+                result.replaced[node.name] = out.name
+                scores.append(score)
+            graph.add_output_group(SCORES_OUTPUT, scores)
+        result.counts["explicit_cache"] = 1
+        graph.add_policy(PolicySpec.of(EXPLICIT_POLICY, **options))
 
     def ensures(self, graph: TokenGraph) -> list[Miss]:
-        if any(policy.name == POLICY for policy in graph.policies):
+        if any(policy.name in (POLICY, EXPLICIT_POLICY) for policy in graph.policies):
             return []
         return [Miss(graph.label, "eviction policy declared", "no eviction policy on the graph")]
 
