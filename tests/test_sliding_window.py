@@ -76,6 +76,21 @@ def test_windowed_layers_stay_windowed_dense_under_tidaldecode():
     assert not torch.equal(sparse.generate(ids, mask, max_new_tokens=24), covering.generate(ids, mask, max_new_tokens=24))
 
 
+def test_windowed_layers_stay_windowed_dense_on_the_explicit_cache_too():
+    """Canonical attention over explicit tensors has its window in the mask only; the methods read it from
+    the model's spec, so an ONNX export keeps sliding layers dense as the runtime does (and decodes the
+    runtime's tokens), rather than selecting inside the window."""
+    kinds = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    model = hf_tiny("qwen2", use_sliding_window=True, sliding_window=WINDOW, layer_types=kinds)
+    select = "tokenselect:top_k=2:n_init=1:n_local=2:theta=none"
+    explicit = tokenpass.optimize(model, passes=["canonicalize_attention", select], lower=False)
+    counts = next(r for r in explicit.reports["decode"] if r.pass_name == "tokenselect").counts
+    assert counts == {"selecting_layers": 2, "windowed_dense_layers": 2, "explicit_cache": 1}
+    ids, mask = padded_batch(model.config.vocab_size, length=30, pad=5)
+    runtime = tokenpass.optimize(model, passes=[select])
+    assert torch.equal(explicit.generate(ids, mask, max_new_tokens=24), runtime.generate(ids, mask, max_new_tokens=24))
+
+
 def test_a_family_the_lowering_cannot_take_runs_exactly_with_a_warning_naming_the_layer():
     """GPT-OSS adds learned attention sinks to the softmax (eager only): not attention as the canonical op
     computes it, so nothing is lowered; the model still generates exactly, and the warning says why."""

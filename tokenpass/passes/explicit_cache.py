@@ -34,3 +34,10 @@ def cache_form(graph: TokenGraph, sites: list[AttentionSite]) -> tuple[Literal["
         return EXPLICIT, wrong
     full = [s for s in sites if not s.window]
     return EXPLICIT, [m for m in map(cache_update_miss, full) if m] or mask_misses(graph, full)
+
+
+def site_window(graph: TokenGraph, site: AttentionSite) -> int:
+    """The layer's sliding window (0: full attention) on either form: the runtime op carries it as an
+    argument; canonical attention over explicit tensors expresses it in its mask only, so the model's
+    spec says."""
+    return site.window or (graph.spec.window(site.layer) if graph.spec else 0)

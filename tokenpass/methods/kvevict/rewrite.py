@@ -45,7 +45,7 @@ from tokenpass.methods.kvevict.explicit_policy import EXPLICIT_POLICY, SCORES_OU
 from tokenpass.methods.kvevict.ops import SCORES, scored_attention_op
 from tokenpass.methods.kvevict.policy import POLICY
 from tokenpass.passes.base import Miss, Pass, PassResult
-from tokenpass.passes.explicit_cache import EXPLICIT, cache_form
+from tokenpass.passes.explicit_cache import EXPLICIT, cache_form, site_window
 from tokenpass.passes.rewrite import replace_node, replace_with_pair
 
 
@@ -108,9 +108,10 @@ class KVEviction(Pass):
 
     def explicit_misses(self, graph: TokenGraph, sites: list[AttentionSite]) -> list[Miss]:
         """Why the explicit cache cannot carry this method (none: it can)."""
-        misses = [Miss(s.label, "a full-attention layer (explicit cache)", f"sliding window of {s.window}: its mask "
-                       "counts slots as positions, which compaction moves; lower the graph (lower=True)")
-                  for s in sites if s.window]
+        windows = {s.layer: site_window(graph, s) for s in sites}
+        misses = [Miss(s.label, "a full-attention layer (explicit cache)", f"sliding window of {windows[s.layer]}: "
+                       "its mask counts slots as positions, which compaction moves; lower the graph (lower=True)")
+                  for s in sites if windows[s.layer]]
         if getattr(self, "noise", False):
             misses.append(Miss(graph.label, "noise-free scoring (explicit cache)", "noise=True draws a prompt's "
                                "Gumbel noise from each key's position, which the explicit prompt step does not "

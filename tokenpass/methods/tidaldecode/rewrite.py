@@ -62,7 +62,7 @@ from tokenpass.methods.tidaldecode.correction import POLICY as CORRECTION_POLICY
 from tokenpass.methods.tidaldecode.explicit_ops import explicit_selection_op, explicit_sparse_op
 from tokenpass.methods.tidaldecode.ops import SCORE_KEYS, selection_attention_op, sparse_attention_op
 from tokenpass.passes.base import Miss, Pass, PassResult
-from tokenpass.passes.explicit_cache import EXPLICIT, cache_form
+from tokenpass.passes.explicit_cache import EXPLICIT, cache_form, site_window
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node
 
@@ -186,8 +186,9 @@ class TidalDecode(Pass):
         slots = None
         for site in sites:
             node = graph.node(site.node)
-            if site.layer < self.sparse_start or site.window or slots is None and site.layer not in selection:
-                result.counts["windowed_dense_layers" if site.window else "dense_layers"] += 1
+            window = site_window(graph, site)
+            if site.layer < self.sparse_start or window or slots is None and site.layer not in selection:
+                result.counts["windowed_dense_layers" if window else "dense_layers"] += 1
                 continue
             args = (graph.node(site.query), graph.node(site.key), graph.node(site.value))
             if form == EXPLICIT_FORM:

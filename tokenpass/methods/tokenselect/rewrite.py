@@ -47,7 +47,7 @@ from tokenpass.ir.sites import AttentionSite
 from tokenpass.methods.tokenselect.explicit_ops import explicit_token_select_op
 from tokenpass.methods.tokenselect.ops import token_select_attention_op
 from tokenpass.passes.base import Miss, Pass, PassResult
-from tokenpass.passes.explicit_cache import EXPLICIT, cache_form
+from tokenpass.passes.explicit_cache import EXPLICIT, cache_form, site_window
 from tokenpass.passes.registry import register
 from tokenpass.passes.rewrite import replace_node
 
@@ -99,7 +99,7 @@ class TokenSelect(Pass):
             return result
         theta = NEVER if self.theta is None else self.theta
         for site in sites:
-            if site.window:
+            if site_window(graph, site):
                 result.counts["windowed_dense_layers"] += 1
                 continue
             node = graph.node(site.node)
@@ -131,7 +131,7 @@ class TokenSelect(Pass):
             result.misses = [Miss(graph.label, "the runtime KV cache", "positions='contiguous' re-rotates keys by "
                                   "the positions the runtime's cache keeps; lower the graph (lower=True)")]
             return {}
-        found = {site.node: key_rotary(graph.node(site.key)) for site in sites if not site.window}
+        found = {site.node: key_rotary(graph.node(site.key)) for site in sites if not site_window(graph, site)}
         result.misses = [Miss(s.label, "rotary keys (positions='contiguous')", found[s.node]) for s in sites
                          if isinstance(found.get(s.node), str)]
         return {node: rotary for node, rotary in found.items() if isinstance(rotary, Rotary)}
