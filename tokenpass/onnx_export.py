@@ -188,8 +188,8 @@ def export_pipeline(requested: list[Pass]) -> list[Pass]:
     refused: its graph would read a cache the ONNX file does not have."""
     for p in requested:
         if p.requires & LowerKVCache.provides:
-            raise ExportError(f"pass '{p.name}' cannot export to ONNX yet: it rewrites attention onto the "
-                              "runtime's KV cache (and its state between steps), which has no ONNX form here")
+            raise ExportError(f"pass '{p.name}' cannot export to ONNX yet: it works on the runtime's own KV cache, "
+                              "which an ONNX file does not have")
     canonical = CanonicalizeAttention.provides
     first = next((i for i, p in enumerate(requested) if p.requires & canonical), None)
     if first is None or any(p.provides & canonical for p in requested[:first]):
