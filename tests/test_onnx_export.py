@@ -13,6 +13,8 @@ from tokenpass.bench import bench
 from tokenpass.cli import app
 from tokenpass.errors import CaptureError
 from tokenpass.ir.onnx_bridge import summarize_onnx
+from tokenpass.ir.onnx_translations import attention_onnx
+from tokenpass.kernels.attention_ref import attention_reference
 from tokenpass.onnx_export import ExportError, check_exportable, export_onnx
 from tokenpass.runtime.genai_config import GENAI_CONFIG
 from tokenpass.runtime.onnx_session import MANIFEST, OnnxModel
@@ -100,6 +102,22 @@ def test_a_graph_with_a_tokenpass_op_without_translation_is_refused_naming_the_n
     with pytest.raises(ExportError, match=r"node 'cached_attention.*' \(tokenpass.cached_attention.default, made by "
                                           r"lower_kv_cache\) has no ONNX form yet"):
         check_exportable(lowered.step_graphs["decode"])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_attention_translation_with_is_causal_equals_the_reference(masked):
+    """``is_causal`` (SDPA's top-left alignment), alone and with an additive padding mask, evaluated by
+    onnxscript's eager evaluator against the torch reference (it masked every key while it built its
+    triangle with ``ConstantOfShape``, whose default value is 0). Row 0's padded queries see no key."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, h, 5, 8, generator=generator) for h in (4, 2, 2))
+    mask = torch.zeros(2, 1, 5, 5)
+    mask[0, ..., :2] = torch.finfo(torch.float32).min
+    mask = mask if masked else None
+    got = attention_onnx(query.numpy(), key.numpy(), value.numpy(), None if mask is None else mask.numpy(), 0.35, True)
+    expected = attention_reference(query, key, value, mask, 0.35, True)
+    assert torch.allclose(torch.from_numpy(got.value)[1:] if masked else torch.from_numpy(got.value),
+                          expected[1:] if masked else expected, atol=1e-5)
 
 
 def test_a_pass_needing_the_runtime_cache_fails_in_one_line_naming_it(tmp_path):

@@ -69,7 +69,7 @@ def _keep(op, mask, is_causal: bool, scores):
     if mask is not None:
         keep = op.Unsqueeze(mask, [2])
     if is_causal:  # top-left aligned, as SDPA's is_causal
-        ones = op.ConstantOfShape(op.Shape(scores, start=-2))
+        ones = op.Expand(op.Constant(value_float=1.0), op.Shape(scores, start=-2))  # ConstantOfShape gives 0s
         causal = op.Cast(op.Trilu(ones, upper=0), to=9)
         keep = causal if keep is None else op.And(keep, causal)
     return keep
