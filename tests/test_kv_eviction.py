@@ -161,12 +161,13 @@ def test_second_application_is_a_no_op():
     assert not reports[1].modified
 
 
-def test_without_lowering_the_pass_says_why_it_does_not_apply():
-    """On explicit tensors the prompt step does not know the keys' positions that noise is drawn from
-    (tests/test_onnx_eviction.py runs the noise-free methods there)."""
+def test_without_lowering_the_pass_rewrites_the_explicit_cache():
+    """Tokens and refusals there: tests/test_onnx_eviction.py."""
     model = tokenpass.tiny("llama")
-    with pytest.raises(PassError, match="noise=True .* pass noise=False or lower the graph"):
-        tokenpass.optimize(model, passes=["canonicalize_attention", "keyformer"], lower=False)
+    optimized = tokenpass.optimize(model, passes=["canonicalize_attention", "keyformer"], lower=False)
+    report = next(r for r in optimized.reports["decode"] if r.pass_name == "keyformer")
+    assert report.counts == {"scored_layers": 4, "explicit_cache": 1}
+    assert optimized.step_graphs["prefill"].step_outputs == ["kv_queries"]  # noise: the policy scores the prompt
 
 
 @pytest.mark.parametrize("options,message", [

@@ -30,11 +30,12 @@ LENGTH, PAD, BUDGET = 20, 5, 8  # an 8-slot budget under 15- and 20-token prompt
 def method(name: str) -> Pass:
     return {"h2o": lambda: tokenpass.H2O(kv_budget=BUDGET),
             "streamingllm": lambda: tokenpass.StreamingLLM(kv_budget=BUDGET, sinks=2),
-            "keyformer": lambda: tokenpass.Keyformer(kv_budget=BUDGET, noise=False, tau_horizon=16)}[name]()
+            "keyformer": lambda: tokenpass.Keyformer(kv_budget=BUDGET, tau_horizon=16)}[name]()
 
 
-# Keyformer's temperature schedule on RoPE + GQA; StreamingLLM (no scores); H2O's plain sums on gemma:
-# soft-capped scores and an additive mask through the ONNX translation.
+# Keyformer's Gumbel noise (the prompt scored by the policy from the step's queries) and temperature
+# schedule on RoPE + GQA; StreamingLLM (no scores); H2O's prompt sums on gemma: soft-capped scores and
+# an additive mask through the ONNX translation.
 CASES = [("keyformer", "llama"), ("streamingllm", "llama"), ("h2o", "gemma")]
 
 
@@ -73,8 +74,9 @@ def test_the_manifest_names_the_policy_and_no_genai_config_is_written(exported):
     manifest = json.loads((result.directory / "tokenpass_onnx.json").read_text())
     assert [p["name"] for p in manifest["policies"]] == ["kvevict.explicit"]
     assert manifest["policies"][0]["options"]["budget"] == BUDGET
-    scores = {} if name == "streamingllm" else {"prefill": ["kv_scores"], "decode": ["kv_scores"]}
-    assert manifest["outputs"] == scores
+    outputs = {"streamingllm": {}, "h2o": {"prefill": ["kv_scores"], "decode": ["kv_scores"]},
+               "keyformer": {"prefill": ["kv_queries"], "decode": ["kv_scores"]}}
+    assert manifest["outputs"] == outputs[name]
     assert not (result.directory / "genai_config.json").exists()  # genai's generator would not evict
 
 
@@ -88,13 +90,11 @@ def test_explicit_rewrite_counts_and_second_application_is_a_no_op():
     assert len(optimized.step_graphs["decode"].signature()["outputs"]) == 1 + 3 * 4
 
 
-def test_keyformer_noise_and_sliding_windows_are_refused_on_the_explicit_cache_saying_why(tmp_path):
-    with pytest.raises(PassError, match=r"noise=True .* pass noise=False") as info:
-        export_onnx(tokenpass.tiny("llama"), tmp_path / "out", passes=[tokenpass.Keyformer(kv_budget=BUDGET)])
-    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+def test_sliding_windows_are_refused_on_the_explicit_cache_saying_why(tmp_path):
     windowed = hf_tiny("mistral", sliding_window=8)
-    with pytest.raises(PassError, match=r"layer 0 attention.* sliding window of 8"):
+    with pytest.raises(PassError, match=r"layer 0 attention.* sliding window of 8") as info:
         export_onnx(windowed, tmp_path / "out", passes=[method("h2o")])
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
 
 def test_a_policy_on_the_runtime_cache_is_refused_by_the_explicit_session():

@@ -163,8 +163,8 @@ def test_cli_exports_refuses_to_overwrite_and_inspects_the_file(tmp_path):
     assert f"exported gpt2 (no passes) to {out}: prefill.onnx, decode.onnx (opset 18)" in result.stdout
     again = runner.invoke(app, ["export", "gpt2", "-o", str(out)])
     assert again.exit_code == 2 and "exists; pass force=True (--force)" in again.stderr
-    refused = runner.invoke(app, ["export", "gpt2", "-o", str(tmp_path / "x"), "--passes", "keyformer"])
-    assert refused.exit_code == 2 and "noise=True draws a prompt's Gumbel noise" in refused.stderr
+    refused = runner.invoke(app, ["export", "gpt2", "-o", str(tmp_path / "x"), "--passes", "tokenselect"])
+    assert refused.exit_code == 2 and "theta=0.9 reuses selections kept" in refused.stderr
     inspected = runner.invoke(app, ["inspect", str(out / "decode.onnx")])
     layers = tokenpass.tiny("gpt2").config.num_hidden_layers
     assert inspected.exit_code == 0 and f"attention sites: {layers}" in inspected.stdout, inspected.output

@@ -64,7 +64,9 @@ class OnnxManifest:
                    outputs=outputs or {})
 
     def policy_specs(self) -> list[PolicySpec]:
-        return [PolicySpec.of(p["name"], **p["options"]) for p in self.policies]
+        """The policies, their options as written (JSON lists back to the tuples they were: hashable)."""
+        return [PolicySpec.of(p["name"], **{k: tuple(v) if isinstance(v, list) else v for k, v in p["options"].items()})
+                for p in self.policies]
 
     def model_spec(self) -> ModelSpec:
         """The ``ModelSpec`` the runtime builds caches from (on the CPU, where the numpy arrays live)."""

@@ -20,13 +20,15 @@ from typing import ClassVar, Literal
 import torch
 
 from tokenpass.errors import TokenpassError
-from tokenpass.kernels.scored_attention_ref import score_contribution, temperature
+from tokenpass.kernels.cache_attention_ref import soft_cap
+from tokenpass.kernels.scored_attention_ref import QUERY_CHUNK, score_contribution, temperature
 from tokenpass.methods.kvevict.budget import row_budgets
 from tokenpass.methods.kvevict.victims import choose_victims
 from tokenpass.runtime.policy import Policy, Step, register_policy
 
 EXPLICIT_POLICY = "kvevict.explicit"
 SCORES_OUTPUT = "kv_scores"  # the steps' output group: per layer, what explicit_scored_attention returns
+QUERIES_OUTPUT = "kv_queries"  # a noisy prompt step's output group: per layer, the attention's queries
 
 
 @register_policy
@@ -36,10 +38,12 @@ class ExplicitEvict(Policy):
 
     def __init__(self, budget: float | int, recent_ratio: float = 0.0, sinks: int = 0,
                  score: Literal["accumulated", "position"] = "accumulated", interval: int = 1, noise: bool = False,
-                 tau_init: float = 1.0, tau_end: float = 1.0, tau_horizon: int = 0, seed: int = 0):
+                 tau_init: float = 1.0, tau_end: float = 1.0, tau_horizon: int = 0, seed: int = 0,
+                 scales: tuple[float, ...] = (), softcaps: tuple[float | None, ...] = ()):
         self.budget, self.recent_ratio, self.sinks, self.score = budget, recent_ratio, sinks, score
         self.interval, self.noise, self.seed = interval, noise, seed
         self.tau = (tau_init, tau_end, tau_horizon)
+        self.scales, self.softcaps = scales, softcaps  # per layer: to score a prompt from its queries
         self.prompt_lengths: torch.Tensor | None = None
         self.budgets: torch.Tensor | None = None
         self.decoded = 0  # decode steps since the prompt ended
@@ -77,16 +81,40 @@ class ExplicitEvict(Policy):
                 raise TokenpassError(f"{self.name}: layer {layer} holds {s} slots, the policy tracked "
                                      f"{self.positions[layer].shape[-1]}")
             if self.score == "accumulated":
-                self.scores[layer] += self._contribution(cache.outputs[SCORES_OUTPUT][layer], layer, step)
+                self.scores[layer] += self._contribution(cache, layer, step)
 
-    def _contribution(self, scores: torch.Tensor, layer: int, step: Step) -> torch.Tensor:
-        """A prompt step's summed contribution as the graph returns it; a decode step's finished here from
-        its masked scores, at the step's temperature (and noise), as the runtime's decode path does."""
+    def _contribution(self, cache, layer: int, step: Step) -> torch.Tensor:
+        """A prompt step's summed contribution as the graph returns it, or scored here from its queries
+        (noise); a decode step's finished here from its masked scores, at the step's temperature (and
+        noise), as the runtime's decode path does."""
+        if QUERIES_OUTPUT in cache.outputs:
+            return self._prompt_contribution(cache, layer, step)
+        scores = cache.outputs[SCORES_OUTPUT][layer]
         if step.phase == "prefill":
             return scores
         tau = temperature(*self.tau[:2], self.decoded, self.tau[2])
         return score_contribution(scores[:, :, :, None, :], tau, self.noise, self.seed, layer, step.positions,
                                   self.positions[layer])
+
+    def _prompt_contribution(self, cache, layer: int, step: Step) -> torch.Tensor:
+        """``sum softmax((x + g) / tau_init)`` over the step's real queries, from its queries and the cache's
+        keys, a chunk of queries at a time (the runtime's prompt scoring, with the positions kept here)."""
+        query, keys = cache.outputs[QUERIES_OUTPUT][layer], cache.keys[layer]
+        b, hq, t, d = query.shape
+        hkv, s = keys.shape[1], keys.shape[2]
+        real = step.token_valid.bool()
+        causal = torch.ones(t, s, dtype=torch.bool, device=keys.device).tril(s - t)
+        keep = (cache.mask.bool()[:, None, :] & causal) | ~real[:, :, None]  # [B, T, S]; padding sees all
+        total = torch.zeros((b, hkv, s), dtype=torch.float32, device=keys.device)
+        for start in range(0, t, QUERY_CHUNK):
+            stop = min(t, start + QUERY_CHUNK)
+            q = query[:, :, start:stop].float().reshape(b, hkv, -1, d)
+            x = torch.matmul(q, keys.float().transpose(-1, -2)).view(b, hkv, hq // hkv, stop - start, s)
+            x = soft_cap(x * self.scales[layer], self.softcaps[layer])
+            x = x.masked_fill(~keep[:, None, None, start:stop], float("-inf"))
+            total += score_contribution(x, self.tau[0], self.noise, self.seed, layer, step.positions[:, start:stop],
+                                        self.positions[layer], real[:, start:stop])
+        return total
 
     def _evict(self, cache, last: torch.Tensor) -> None:
         valid = cache.mask.bool()

@@ -19,7 +19,8 @@ A method that does not score (StreamingLLM) leaves the graph's ops alone and onl
 
 Explicit cache (a graph not lowered, e.g. for ``export_onnx``): attention over ``cat(past, new)`` becomes
 ``explicit_scored_attention``, whose scores the step returns as the output group ``kv_scores``; the
-``kvevict.explicit`` policy keeps positions and scores beside the explicit cache and compacts it::
+``kvevict.explicit`` policy keeps positions and scores beside the explicit cache and compacts it (with
+Keyformer's noise, a prompt step returns its queries as ``kv_queries`` and the policy scores it)::
 
     out_l, s_l = tokenpass.explicit_scored_attention(q_l, cat(past_k_l, k_l), cat(past_v_l, v_l), mask, ...)
     return (logits, keys, values, [s_0, ..])
@@ -41,7 +42,7 @@ from tokenpass.ir.sites import AttentionSite
 from tokenpass.ir.requests import PolicySpec, SlotState
 from tokenpass.methods.kvevict.budget import check_budget, check_ratio
 from tokenpass.methods.kvevict.explicit_ops import explicit_scored_attention_op
-from tokenpass.methods.kvevict.explicit_policy import EXPLICIT_POLICY, SCORES_OUTPUT
+from tokenpass.methods.kvevict.explicit_policy import EXPLICIT_POLICY, QUERIES_OUTPUT, SCORES_OUTPUT
 from tokenpass.methods.kvevict.ops import SCORES, scored_attention_op
 from tokenpass.methods.kvevict.policy import POLICY
 from tokenpass.passes.base import Miss, Pass, PassResult
@@ -109,14 +110,9 @@ class KVEviction(Pass):
     def explicit_misses(self, graph: TokenGraph, sites: list[AttentionSite]) -> list[Miss]:
         """Why the explicit cache cannot carry this method (none: it can)."""
         windows = {s.layer: site_window(graph, s) for s in sites}
-        misses = [Miss(s.label, "a full-attention layer (explicit cache)", f"sliding window of {windows[s.layer]}: "
-                       "its mask counts slots as positions, which compaction moves; lower the graph (lower=True)")
-                  for s in sites if windows[s.layer]]
-        if getattr(self, "noise", False):
-            misses.append(Miss(graph.label, "noise-free scoring (explicit cache)", "noise=True draws a prompt's "
-                               "Gumbel noise from each key's position, which the explicit prompt step does not "
-                               "know; pass noise=False or lower the graph (lower=True)"))
-        return misses
+        return [Miss(s.label, "a full-attention layer (explicit cache)", f"sliding window of {windows[s.layer]}: "
+                     "its mask counts slots as positions, which compaction moves; lower the graph (lower=True)")
+                for s in sites if windows[s.layer]]
 
     def _rewrite_runtime(self, graph: TokenGraph, sites: list[AttentionSite], result: PassResult) -> None:
         if self.scores:
@@ -130,24 +126,36 @@ class KVEviction(Pass):
 
     def _rewrite_explicit(self, graph: TokenGraph, sites: list[AttentionSite], result: PassResult) -> None:
         """Scored attention over ``cat(past, new)``; its scores become the step's ``kv_scores`` outputs, which
-        the explicit eviction policy accumulates and evicts by (``explicit_policy.py``)."""
+        the explicit eviction policy accumulates and evicts by (``explicit_policy.py``). With Gumbel noise,
+        a prompt step returns its queries (``kv_queries``) instead: the noise is drawn from each key's
+        position, which only the policy knows, so the policy scores the prompt itself."""
         options = self.policy_options()
+        sites = sorted(sites, key=lambda s: s.layer)
         if self.scores:
             noise, tau_init, tau_end, tau_horizon, seed = self.score_options()
             options.update(noise=noise, tau_init=tau_init, tau_end=tau_end, tau_horizon=tau_horizon, seed=seed)
-            token_mask = graph.node(graph.program.graph_signature.user_inputs[STEP_ARGS.index("attention_mask")])
-            scores = []
-            for site in sorted(sites, key=lambda s: s.layer):
-                node = graph.node(site.node)
-                args = (graph.node(site.query), graph.node(site.key), graph.node(site.value),
-                        graph.node(site.mask) if site.mask else None, token_mask, site.scale, site.layer,
-                        site.softcap, graph.phase != "decode", tau_init)
-                out, score = replace_with_pair(graph, node, explicit_scored_attention_op, args, self.name)
-                result.replaced[node.name] = out.name
-                scores.append(score)
-            graph.add_output_group(SCORES_OUTPUT, scores)
+            if noise:  # the same options on both steps: one policy for the session
+                options.update(scales=tuple(s.scale for s in sites), softcaps=tuple(s.softcap for s in sites))
+            if noise and graph.phase != "decode":
+                graph.add_output_group(QUERIES_OUTPUT, [graph.node(s.query) for s in sites])
+            else:
+                self._score_explicit(graph, sites, result, tau_init)
         result.counts["explicit_cache"] = 1
         graph.add_policy(PolicySpec.of(EXPLICIT_POLICY, **options))
+
+    def _score_explicit(self, graph: TokenGraph, sites: list[AttentionSite], result: PassResult,
+                        tau_init: float) -> None:
+        token_mask = graph.node(graph.program.graph_signature.user_inputs[STEP_ARGS.index("attention_mask")])
+        scores = []
+        for site in sites:
+            node = graph.node(site.node)
+            args = (graph.node(site.query), graph.node(site.key), graph.node(site.value),
+                    graph.node(site.mask) if site.mask else None, token_mask, site.scale, site.layer,
+                    site.softcap, graph.phase != "decode", tau_init)
+            out, score = replace_with_pair(graph, node, explicit_scored_attention_op, args, self.name)
+            result.replaced[node.name] = out.name
+            scores.append(score)
+        graph.add_output_group(SCORES_OUTPUT, scores)
 
     def ensures(self, graph: TokenGraph) -> list[Miss]:
         if any(policy.name in (POLICY, EXPLICIT_POLICY) for policy in graph.policies):
