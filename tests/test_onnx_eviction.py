@@ -103,8 +103,13 @@ def test_a_policy_on_the_runtime_cache_is_refused_by_the_explicit_session():
         ExplicitSession(optimized.step_graphs, optimized.spec, 1, [Evict(budget=4)])
 
 
-def test_cli_exports_an_evicting_model(tmp_path):
+def test_cli_exports_an_evicting_model_and_inspect_shows_its_policy(tmp_path):
     out = tmp_path / "h2o"
     result = CliRunner().invoke(app, ["export", "llama", "-o", str(out), "--passes", f"h2o:kv_budget={BUDGET}"])
     assert result.exit_code == 0, result.output
     assert "h2o" in result.stdout and (out / "decode.onnx").is_file()
+    shown = CliRunner().invoke(app, ["inspect", str(out / "decode.onnx")])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.stdout.split())
+    assert "tokenpass.ScoredAttention: layers 0-3" in text and "output group kv_scores_<layer>" in text
+    assert f"policy kvevict.explicit(budget={BUDGET}," in text and "run by OnnxModel between steps" in text

@@ -22,6 +22,7 @@ from tokenpass.errors import TokenpassError
 from tokenpass.ir.graph import CAPTURED_PROPERTIES, TokenGraph
 from tokenpass.ir.onnx_bridge import load_onnx, summarize_onnx
 from tokenpass.ir.op_registry import lookup_attention
+from tokenpass.ir.requests import PolicySpec
 from tokenpass.ir.visualize import layer_structure, to_dot, to_png, to_svg
 from tokenpass.models import SMOLLM2, TINY_FAMILIES
 from tokenpass.passes import Pass, PassManager
@@ -160,8 +161,12 @@ def runtime_requests(graph: TokenGraph) -> list[str]:
     """What the graph asks of the runtime, one line each: per-slot cache states and run-time policies."""
     states = [f"slot state {s.name} ({s.dtype or 'cache dtype'}, {s.layout}, layers {_span(s.layers)})"
               for s in graph.slot_states]
-    policies = [f"policy {p.name}(" + ", ".join(f"{k}={v}" for k, v in p.options) + ")" for p in graph.policies]
-    return states + policies
+    groups = [f"output group {g} (one per layer, for the policies)" for g in graph.step_outputs]
+    return states + groups + [policy_line(p) for p in graph.policies]
+
+
+def policy_line(policy: PolicySpec) -> str:
+    return f"policy {policy.name}(" + ", ".join(f"{k}={v}" for k, v in policy.options) + ")"
 
 
 def _span(layers: Sequence[int]) -> str:
@@ -187,8 +192,11 @@ def with_export_manifest(report: dict, path: Path) -> dict:
     if not (path.parent / MANIFEST).is_file():
         return report
     manifest = OnnxManifest.read(path.parent)
+    groups = [f"output group {g}_<layer> (for the policies)" for g in manifest.outputs.get(path.stem, [])]
     return {**report, "model": f"{manifest.spec['name']}/{path.stem} (tokenpass export)",
-            "pipeline": manifest.passes or ["none"], "export_changes": manifest.changes.get(path.stem, {})}
+            "pipeline": manifest.passes or ["none"], "export_changes": manifest.changes.get(path.stem, {}),
+            "runtime_requests": groups + [f"{policy_line(p)}, run by OnnxModel between steps"
+                                          for p in manifest.policy_specs()]}
 
 
 def render_text(report: dict, console: Console, io: bool = False, ops: bool = False, diff: bool = False) -> None:
