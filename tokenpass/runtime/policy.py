@@ -61,7 +61,8 @@ def register_policy(cls: P) -> P:
 def policy_class(spec: PolicySpec) -> type[Policy]:
     if spec.name not in POLICIES:
         known = ", ".join(sorted(POLICIES)) or "none"
-        raise TokenpassError(f"the graph asks for run-time policy '{spec.name}', which is not registered (known: {known})")
+        raise TokenpassError(f"the graph asks for run-time policy '{spec.name}', which is not registered "
+                             f"(known: {known})")
     return POLICIES[spec.name]
 
 

@@ -47,7 +47,6 @@ checks it) and keep no state between steps, so the export's past/present cache i
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -64,7 +63,7 @@ from tokenpass.methods.tidaldecode.ops import SCORE_KEYS, selection_attention_op
 from tokenpass.passes.base import Miss, Pass, PassResult
 from tokenpass.passes.explicit_cache import EXPLICIT, cache_form, site_window
 from tokenpass.passes.registry import register
-from tokenpass.passes.rewrite import replace_node
+from tokenpass.passes.rewrite import replace_node, replace_with_pair
 
 METHOD_OPS = (selection_attention_op, sparse_attention_op, explicit_selection_op, explicit_sparse_op)
 # The rewrite's ops on each cache form: (selection op, sparse op).
@@ -263,20 +262,7 @@ class TidalDecode(Pass):
             graph.declare_slot_state(SlotState(SCORE_KEYS, layers=self._state_layers(graph, site.layer),
                                                trailing=(site.head_dim,), dtype=dtype, layout="channel_major",
                                                source="keys"))
-        with graph.graph.inserting_before(node):
-            select = graph.graph.call_function(
-                op,
-                (*args, site.scale, site.layer, self.top_k, self.per_kv_head, self.sparse_selection_output,
-                 score_dtype, channels, site.softcap),
-            )
-            out = graph.graph.call_function(operator.getitem, (select, 0))
-            slots = graph.graph.call_function(operator.getitem, (select, 1))
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in node.meta:
-                select.meta[key] = node.meta[key]
-        out.meta.update(node.meta)
-        for new in (select, out, slots):
-            new.meta["tokenpass"] = {"pass": self.name, "replaces": node.name}
-        node.replace_all_uses_with(out)
-        graph.graph.erase_node(node)
+        args = (*args, site.scale, site.layer, self.top_k, self.per_kv_head, self.sparse_selection_output,
+                score_dtype, channels, site.softcap)
+        _, slots = replace_with_pair(graph, node, op, args, self.name)
         return slots
