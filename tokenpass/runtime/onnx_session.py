@@ -148,7 +148,8 @@ class OnnxModel(StepModel):
 
     def session(self, batch: int, capacity: int = 64, budget: int | None = None) -> OnnxSession:
         if budget is not None:
-            raise TokenpassError("a KV budget needs the torch runtime's cache; the ONNX runtime keeps every token")
+            raise TokenpassError("kv_budget at generation time needs the torch runtime's cache; to bound the ONNX "
+                                 "runtime's cache, export with an eviction pass (h2o, streamingllm, keyformer)")
         return OnnxSession(self.sessions, self.spec, batch, build_policies(self.manifest.policy_specs()),
                            self.manifest.outputs)
 
