@@ -149,7 +149,7 @@ class OnnxModel(StepModel):
     def session(self, batch: int, capacity: int = 64, budget: int | None = None) -> OnnxSession:
         if budget is not None:
             raise TokenpassError("kv_budget at generation time needs the torch runtime's cache; to bound the ONNX "
-                                 "runtime's cache, export with an eviction pass (h2o, streamingllm, keyformer)")
+                                 "runtime's cache, export it with a KV eviction pass")
         return OnnxSession(self.sessions, self.spec, batch, build_policies(self.manifest.policy_specs()),
                            self.manifest.outputs)
 
