@@ -153,7 +153,7 @@ def test_broken_exports_are_one_line_errors(exported, tmp_path):
     with pytest.raises(CaptureError, match="tokenpass_onnx.json is not a valid tokenpass manifest"):
         OnnxModel(broken)
     with pytest.raises(tokenpass.TokenpassError, match="kv_budget at generation time needs the torch runtime.s "
-                                                       "cache; .* export with an eviction pass"):
+                                                       "cache; .* export it with a KV eviction pass"):
         OnnxModel(result.directory).generate(torch.tensor([[1, 2]]), kv_budget=4)
 
 
