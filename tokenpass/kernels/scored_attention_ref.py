@@ -140,22 +140,31 @@ def scored_attention_reference(
     for start in range(0, t, QUERY_CHUNK):
         stop = min(t, start + QUERY_CHUNK)
         c = stop - start
-        q = query[:, :, start:stop].float().reshape(b, hkv, group * c, d)  # the group folded into the rows:
-        x = torch.matmul(q, keys.float().transpose(-1, -2)).view(b, hkv, group, c, s)  # each K row read once
-        x = soft_cap(x * scale, softcap)
         visible = None if mask is None else mask[:, :, None, start:stop] if mask.shape[2] > 1 else mask[:, :, None]
+        n = s if visible is None or t == 1 else _reach(visible)
+        q = query[:, :, start:stop].float().reshape(b, hkv, group * c, d)  # the group folded into the rows:
+        x = torch.matmul(q, keys[:, :, :n].float().transpose(-1, -2)).view(b, hkv, group, c, n)  # K rows read once
+        x = soft_cap(x * scale, softcap)
         if visible is not None:
-            x = x.masked_fill(~visible, float("-inf"))
-        probs = x.softmax(-1).view(b, hkv, group * c, s)
-        outputs.append(torch.matmul(probs, values.float()).view(b, hq, c, -1))
+            x = x.masked_fill(~visible[..., :n], float("-inf"))
+        probs = x.softmax(-1).view(b, hkv, group * c, n)
+        outputs.append(torch.matmul(probs, values[:, :, :n].float()).view(b, hq, c, -1))
         valid_rows = None if query_valid is None else query_valid[:, start:stop]
         if noise or tau != 1.0:
-            contribution += score_contribution(
+            contribution[:, :, :n] += score_contribution(
                 x, tau, noise, seed, layer, None if query_positions is None else query_positions[:, start:stop],
-                slot_positions, valid_rows)
+                None if slot_positions is None else slot_positions[:, :, :n], valid_rows)
         else:  # plain accumulated attention (H2O): the output's own probabilities
-            contribution += _summed(probs.view(b, hkv, group, c, s), valid_rows)
+            contribution[:, :, :n] += _summed(probs.view(b, hkv, group, c, n), valid_rows)
     return torch.cat(outputs, 2).to(query.dtype), contribution
+
+
+def _reach(visible: torch.Tensor) -> int:
+    """How many leading slots some query of a chunk sees (``visible`` ``[B, Hkv, 1, c, S]``): a causal
+    prompt's early chunks see only the slots before them, so the rest is neither multiplied nor scored
+    (a 4096-token prompt then costs about half)."""
+    seen = visible.flatten(0, -2).any(0).nonzero()
+    return int(seen.max()) + 1 if seen.numel() else 1
 
 
 def score_contribution(scores: torch.Tensor, tau: float = 1.0, noise: bool = False, seed: int = 0, layer: int = 0,
