@@ -137,7 +137,9 @@ def scored_attention_reference(
     if mask is not None and mask.dim() == 3:
         mask = mask[:, :, None, :]
     outputs, contribution = [], torch.zeros((b, hkv, s), dtype=torch.float32, device=query.device)
-    for start in range(0, t, QUERY_CHUNK):
+    # last chunk first: a causal prompt's chunks read ever fewer slots, so each buffer fits in the last
+    # one's freed memory (first to last, every chunk would need a larger block than any freed yet)
+    for start in reversed(range(0, t, QUERY_CHUNK)):
         stop = min(t, start + QUERY_CHUNK)
         c = stop - start
         visible = None if mask is None else mask[:, :, None, start:stop] if mask.shape[2] > 1 else mask[:, :, None]
@@ -156,7 +158,7 @@ def scored_attention_reference(
                 None if slot_positions is None else slot_positions[:, :, :n], valid_rows)
         else:  # plain accumulated attention (H2O): the output's own probabilities
             contribution[:, :, :n] += _summed(probs.view(b, hkv, group, c, n), valid_rows)
-    return torch.cat(outputs, 2).to(query.dtype), contribution
+    return torch.cat(outputs[::-1], 2).to(query.dtype), contribution
 
 
 def _reach(visible: torch.Tensor) -> int:
