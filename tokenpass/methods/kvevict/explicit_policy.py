@@ -20,8 +20,7 @@ from typing import ClassVar, Literal
 import torch
 
 from tokenpass.errors import TokenpassError
-from tokenpass.kernels.cache_attention_ref import soft_cap
-from tokenpass.kernels.scored_attention_ref import QUERY_CHUNK, score_contribution, temperature
+from tokenpass.kernels.scored_attention_ref import score_contribution, scored_attention_reference, temperature
 from tokenpass.methods.kvevict.budget import row_budgets
 from tokenpass.methods.kvevict.victims import choose_victims
 from tokenpass.runtime.policy import Policy, Step, register_policy
@@ -98,23 +97,17 @@ class ExplicitEvict(Policy):
 
     def _prompt_contribution(self, cache, layer: int, step: Step) -> torch.Tensor:
         """``sum softmax((x + g) / tau_init)`` over the step's real queries, from its queries and the cache's
-        keys, a chunk of queries at a time (the runtime's prompt scoring, with the positions kept here)."""
+        keys: the runtime's own prompt scoring (``scored_attention_reference``), with the positions kept here."""
         query, keys = cache.outputs[QUERIES_OUTPUT][layer], cache.keys[layer]
-        b, hq, t, d = query.shape
-        hkv, s = keys.shape[1], keys.shape[2]
+        t, s = query.shape[2], keys.shape[2]
         real = step.token_valid.bool()
         causal = torch.ones(t, s, dtype=torch.bool, device=keys.device).tril(s - t)
         keep = (cache.mask.bool()[:, None, :] & causal) | ~real[:, :, None]  # [B, T, S]; padding sees all
-        total = torch.zeros((b, hkv, s), dtype=torch.float32, device=keys.device)
-        for start in range(0, t, QUERY_CHUNK):
-            stop = min(t, start + QUERY_CHUNK)
-            q = query[:, :, start:stop].float().reshape(b, hkv, -1, d)
-            x = torch.matmul(q, keys.float().transpose(-1, -2)).view(b, hkv, hq // hkv, stop - start, s)
-            x = soft_cap(x * self.scales[layer], self.softcaps[layer])
-            x = x.masked_fill(~keep[:, None, None, start:stop], float("-inf"))
-            total += score_contribution(x, self.tau[0], self.noise, self.seed, layer, step.positions[:, start:stop],
-                                        self.positions[layer], real[:, start:stop])
-        return total
+        _, contribution = scored_attention_reference(
+            query, keys, cache.values[layer], keep[:, None].expand(-1, keys.shape[1], -1, -1), self.scales[layer],
+            query_valid=real, query_positions=step.positions, slot_positions=self.positions[layer], tau=self.tau[0],
+            noise=self.noise, seed=self.seed, layer=layer, softcap=self.softcaps[layer])
+        return contribution
 
     def _evict(self, cache, last: torch.Tensor) -> None:
         valid = cache.mask.bool()
